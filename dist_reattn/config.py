@@ -1,0 +1,198 @@
+"""Typed configuration: dataclasses whose sections map 1:1 onto YAML presets in ``configs/`` and onto
+``--section.field=value`` command-line overrides. Each component receives only its own section."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+MODES = ("reattention", "streaming", "full")
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """Bad user input: the message is one line naming the problem and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    path: str = "smollm2-135m"
+    """A bundled model name (``smollm2-135m``), a local Hugging Face directory, or a ``.gguf`` file."""
+    dtype: str = "auto"
+    """Weights, activations and KV dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bf16``, ``fp16``, ``fp32``."""
+    device: str = "auto"
+    """``auto`` (the local GPU when there is one, else CPU), ``cpu`` or ``cuda``."""
+
+
+@dataclass
+class ScopeConfig:
+    mode: str = "reattention"
+    """``reattention`` (sink + retrieved + local), ``streaming`` (sink + local) or ``full`` (everything)."""
+    sink: int = 32
+    """G: the first tokens, always in scope."""
+    local: int = 4096
+    """L: the most recent tokens, always in scope (includes the current chunk)."""
+    topk: int = 4
+    """k: keys kept per (query head, query token) in the retrieval step; 0 retrieves nothing."""
+    span: int = 32
+    """S: each kept hit is widened to tokens [j - S/2, j - S/2 + S)."""
+    recall_clip: int = 127
+    """R: at most R distinct hits are kept, by vote count."""
+    chunk: int = 512
+    """C: prefill chunk length in tokens."""
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"scope.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        for name in ("sink", "topk", "recall_clip"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"scope.{name}={getattr(self, name)} must be >= 0")
+        if self.chunk <= 0:
+            raise ConfigError(f"scope.chunk={self.chunk} must be > 0 (e.g. --scope.chunk=512)")
+        if self.span <= 0:
+            raise ConfigError(f"scope.span={self.span} must be > 0")
+        if self.local < self.chunk:
+            raise ConfigError(
+                f"scope.local={self.local} must be >= scope.chunk={self.chunk}: the local window holds the current chunk"
+            )
+
+    def max_scope(self) -> int:
+        """Upper bound on the scope length of one step (sink + clipped spans + local)."""
+        return self.sink + self.recall_clip * self.span + self.local
+
+
+@dataclass
+class CacheConfig:
+    page: int = 256
+    """Tokens per cache page; page p lives on rank p mod P."""
+
+
+@dataclass
+class DebugConfig:
+    record_selection: bool = False
+    """Keep every step's scope (global token indices) per layer, for equivalence checks."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scope: ScopeConfig = field(default_factory=ScopeConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def validate(self) -> None:
+        self.scope.validate()
+        if self.cache.page <= 0:
+            raise ConfigError(f"cache.page={self.cache.page} must be > 0")
+        if self.model.dtype not in ("auto", "bf16", "fp16", "fp32"):
+            raise ConfigError(f"model.dtype={self.model.dtype!r}: use auto, bf16, fp16 or fp32")
+        if self.model.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"model.device={self.model.device!r}: use auto, cpu or cuda")
+
+
+def _coerce(value, tp, where: str):
+    """Converts a YAML or command-line value to the field's declared type."""
+    if isinstance(tp, str):
+        tp = {"int": int, "float": float, "bool": bool, "str": str}[tp]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        tp = args[0]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(value).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if tp is int and isinstance(value, str):
+            m = _INT.match(value)
+            if not m:
+                raise ValueError(value)
+            return int(m.group(1)) * _UNITS[m.group(2).lower()]
+        return tp(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from e
+
+
+def _set(cfg: Config, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override {dotted!r} must look like section.field, e.g. --scope.topk=8")
+    section, name = parts
+    sec = getattr(cfg, section, None)
+    if sec is None or not dataclasses.is_dataclass(sec):
+        sections = ", ".join(f.name for f in dataclasses.fields(cfg))
+        raise ConfigError(f"unknown config section {section!r}; sections are {sections}")
+    fields = {f.name: f for f in dataclasses.fields(sec)}
+    if name not in fields:
+        raise ConfigError(f"unknown field {dotted!r}; {section} has {', '.join(fields)}")
+    setattr(sec, name, _coerce(value, fields[name].type, dotted))
+
+
+def apply_dict(cfg: Config, data: dict, source: str) -> None:
+    """Applies a nested ``{section: {field: value}}`` mapping (a YAML preset) onto ``cfg``."""
+    for section, values in (data or {}).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value)
+
+
+def preset_path(name: str) -> Path | None:
+    """The YAML preset of that name in ``configs/``, if there is one."""
+    p = CONFIG_DIR / f"{name}.yaml"
+    return p if p.is_file() else None
+
+
+def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Builds a validated Config: defaults, then a preset (name in configs/ or a YAML path), then overrides.
+
+    Args:
+        preset: preset name (``smollm2-135m``) or path to a YAML file; None for defaults only.
+        overrides: ``section.field=value`` strings (leading dashes allowed).
+    """
+    cfg = Config()
+    if preset:
+        path = preset_path(preset) or Path(preset)
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+            raise ConfigError(f"config preset {preset!r} not found; presets: {known}; or give a YAML path")
+        apply_dict(cfg, yaml.safe_load(path.read_text()), str(path))
+    for item in overrides or []:
+        key, sep, value = item.lstrip("-").partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} needs a value: --{key}=VALUE")
+        _set(cfg, key, value)
+    cfg.validate()
+    return cfg
+
+
+_COUNT = re.compile(r"^\s*(\d+)\s*([kKmM]?)\s*$")
+_INT = re.compile(r"^\s*(-?\d+)\s*([kKmM]?)\s*$")
+_UNITS = {"": 1, "k": 1024, "m": 1024 * 1024}
+
+
+def parse_count(text: str) -> int:
+    """Parses a token count: ``16K`` = 16*1024, ``4M`` = 4*1024*1024, or a plain positive integer."""
+    m = _COUNT.match(str(text))
+    if not m or int(m.group(1)) <= 0:
+        raise ConfigError(f"{text!r} is not a positive token count; use e.g. 16K, 1M or 20000 (K = 1024)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def format_count(n: int) -> str:
+    """Inverse of :func:`parse_count` where exact: 16384 -> ``16K``."""
+    for unit, size in (("M", 1024 * 1024), ("K", 1024)):
+        if n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)

@@ -1,0 +1,236 @@
+"""Benchmark of the score + top-k kernel against its ceilings and baselines, on one GPU.
+
+Measures, in one run: the dense bf16 matmul rate (8192^3, random) and the device copy bandwidth
+(bytes read + written), then for SmolLM2 (9/3 heads x 64) and Llama-8B (32/8 x 128) shapes and every
+N x c: the kernel (do_bench median), the torch reference (``score_topk_ref`` on the GPU) and SDPA over
+the same q and keys.
+
+    python launch/bench_topk.py --out launch/results/bench_topk-H100-2026-11-24.md
+    python launch/bench_topk.py --sweep        # tile/split variants at a few points, no table
+    python launch/bench_topk.py --variants     # fast path on/off and the scores-only floor
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import platform
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from dist_reattn.kernels.score_topk import score_topk, score_topk_ref
+from triton.testing import do_bench
+
+MODELS = {"SmolLM2": (9, 3, 64), "Llama-8B": (32, 8, 128)}
+TOPK = 16
+L2_ROTATE_BYTES = 256 << 20  # inputs smaller than this get several copies, cycled per call
+
+
+def bench(fn, slow_ms: float = 200.0) -> float:
+    """Median ms. Calls slower than ``slow_ms`` (the reference at large sizes) are timed 3 times
+    with CUDA events instead of do_bench's 100 ms budget plus estimation runs."""
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    start.record()
+    fn()
+    stop.record()
+    torch.cuda.synchronize()
+    first = start.elapsed_time(stop)
+    if first < slow_ms:
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+    times = [first]
+    for _ in range(2):
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(stop))
+    return sorted(times)[1]
+
+
+def ceilings() -> tuple[float, float]:
+    """(dense bf16 matmul TFLOP/s, device copy GB/s counting read + write), measured now."""
+    n = 8192
+    ab = [torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    ms = do_bench(lambda: torch.mm(*ab), warmup=50, rep=300, return_mode="median")
+    tflops = 2 * n**3 / ms / 1e9
+    ab.clear()
+    src_dst = [torch.randn(1 << 29, device="cuda", dtype=torch.float32)]  # 2 GiB
+    src_dst.insert(0, torch.empty_like(src_dst[0]))
+    ms = do_bench(lambda: src_dst[0].copy_(src_dst[1]), warmup=25, rep=200, return_mode="median")
+    gbs = 2 * (1 << 29) * 4 / ms / 1e6
+    src_dst.clear()
+    torch.cuda.empty_cache()
+    return tflops, gbs
+
+
+def sdpa_fn(q, k, v):
+    """SDPA over q [c, H, d] and keys k/v [N, Hkv, d], no mask; GQA through enable_gqa (flash)."""
+    qq = q.transpose(0, 1).unsqueeze(0)  # [1, H, c, d]
+    kk = k.transpose(0, 1).unsqueeze(0)  # [1, Hkv, N, d]
+    vv = v.transpose(0, 1).unsqueeze(0)
+    return lambda: F.scaled_dot_product_attention(qq, kk, vv, enable_gqa=True)
+
+
+def rotating(make, nbytes):
+    """A callable cycling over enough input copies that together they overflow L2."""
+    copies = max(1, -(-L2_ROTATE_BYTES // max(nbytes, 1)))
+    sets = [make() for _ in range(copies)]
+    it = itertools.cycle(sets)
+    return lambda f: lambda: f(*next(it))
+
+
+def run_table(args, mm_tflops, copy_gbs):
+    rows = []
+    free, _ = torch.cuda.mem_get_info()
+    for name, (H, Hkv, d) in MODELS.items():
+        for N in args.n:
+            for c in args.c:
+                kv_bytes = 2 * N * Hkv * d * 2  # k and v, bf16
+                if kv_bytes * 1.3 > free:
+                    print(f"skip {name} N={N} c={c}: k+v need {kv_bytes / 1e9:.1f} GB, {free / 1e9:.1f} free")
+                    continue
+                gen = torch.Generator(device="cuda").manual_seed(N + c)
+
+                def make(c=c, N=N, H=H, Hkv=Hkv, d=d, gen=gen):
+                    q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    k = torch.randn(N, Hkv, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                    return q, k
+
+                rot = rotating(make, N * Hkv * d * 2)
+                t_kern = bench(rot(lambda q, k, N=N: score_topk(q, k, 0, N, TOPK)))
+                t_ref = None
+                if not args.no_ref:
+                    t_ref = bench(rot(lambda q, k, N=N: score_topk_ref(q, k, 0, N, TOPK)))
+                q, k = make()
+                v = torch.randn_like(k)
+                try:
+                    t_sdpa = bench(sdpa_fn(q, k, v))
+                except RuntimeError as e:  # no fused backend for this shape
+                    print(f"SDPA failed for {name} N={N} c={c}: {str(e).splitlines()[0]}")
+                    t_sdpa = None
+                del q, k, v, rot
+                torch.cuda.empty_cache()
+                flops = 2 * c * N * H * d
+                tflops = flops / t_kern / 1e9
+                gbs = N * Hkv * d * 2 / t_kern / 1e6
+                rows.append((name, c, N, t_kern, tflops, gbs, t_ref, t_sdpa))
+                line = fmt_row(rows[-1], mm_tflops, copy_gbs)
+                print(line, flush=True)
+    return rows
+
+
+HEADER = (
+    "| model | c | N | kernel ms | TFLOP/s | % matmul | GB/s (c=1) | % copy "
+    "| ref ms | vs ref | SDPA ms | kernel/SDPA |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def fmt_row(r, mm_tflops, copy_gbs):
+    name, c, N, t, tflops, gbs, t_ref, t_sdpa = r
+    bw = f"{gbs:.0f} | {100 * gbs / copy_gbs:.0f}%" if c == 1 else "- | -"
+    ref = f"{t_ref:.3f} | {t_ref / t:.1f}x" if t_ref else "- | -"
+    sd = f"{t_sdpa:.3f} | {t / t_sdpa:.2f}" if t_sdpa else "- | -"
+    pct = 100 * tflops / mm_tflops
+    return f"| {name} | {c} | {N // 1024}K | {t:.3f} | {tflops:.1f} | {pct:.0f}% | {bw} | {ref} | {sd} |"
+
+
+def time_kernel(q, k, N, splits, cfg):
+    return do_bench(
+        lambda: score_topk(q, k, 0, N, TOPK, splits=splits, config=cfg),
+        warmup=10,
+        rep=40,
+        return_mode="median",
+    )
+
+
+def variants():
+    """The default kernel vs its variants at a few points: rounds only (no single-insert fast path),
+    and the scores-only floor (dot + row max, no top-k)."""
+    points = [("Llama-8B", 2048, 256 << 10), ("SmolLM2", 2048, 256 << 10), ("Llama-8B", 512, 1 << 20),
+              ("Llama-8B", 1, 1 << 20), ("SmolLM2", 1, 1 << 20)]  # fmt: skip
+    for name, c, N in points:
+        H, Hkv, d = MODELS[name]
+        q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(N, Hkv, d, device="cuda", dtype=torch.bfloat16)
+        for label, cfg in [
+            ("default", None),
+            ("rounds only", {"ONE_INSERT": False}),
+            ("scores only", {"SCORE_ONLY": True}),
+        ]:
+            t = time_kernel(q, k, N, None, cfg)
+            tflops, gbs = 2 * c * N * H * d / t / 1e9, N * Hkv * d * 2 / t / 1e6
+            print(f"{name} c={c} N={N} {label}: {t:.3f} ms {tflops:.0f} TFLOP/s {gbs:.0f} GB/s", flush=True)
+        del q, k
+        torch.cuda.empty_cache()
+
+
+def sweep():
+    """Kernel time per tile config / split count at a few points (for tuning; prints only)."""
+    points = [("Llama-8B", 2048, 256 << 10), ("SmolLM2", 2048, 256 << 10), ("Llama-8B", 1, 1 << 20),
+              ("SmolLM2", 1, 1 << 20), ("Llama-8B", 512, 256 << 10)]  # fmt: skip
+    for name, c, N in points:
+        H, Hkv, d = MODELS[name]
+        q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(N, Hkv, d, device="cuda", dtype=torch.bfloat16)
+        if c == 1:
+            cfgs = [dict(BLOCK_M=16, BLOCK_N=bn, num_warps=w, num_stages=s) for bn in (64, 128, 256)
+                    for w in (4, 8) for s in (3, 4)]  # fmt: skip
+        else:
+            cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm in (64, 128)
+                    for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]  # fmt: skip
+        for cfg in cfgs:
+            for sp in (None, 1, 4):
+                tag = f"{name} c={c} N={N} {cfg} splits={sp}"
+                try:
+                    t = time_kernel(q, k, N, sp, cfg)
+                except Exception as e:  # out of resources for this config
+                    print(f"{tag}: {type(e).__name__}")
+                    continue
+                tflops, gbs = 2 * c * N * H * d / t / 1e9, N * Hkv * d * 2 / t / 1e6
+                print(f"{tag}: {t:.3f} ms {tflops:.0f} TFLOP/s {gbs:.0f} GB/s", flush=True)
+        del q, k
+        torch.cuda.empty_cache()
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20, 1 << 22])
+    p.add_argument("--c", type=int, nargs="+", default=[1, 512, 2048])
+    p.add_argument("--out", default=None, help="markdown file for the table")
+    p.add_argument("--sweep", action="store_true", help="time tile/split variants instead")
+    p.add_argument("--variants", action="store_true", help="time the kernel's variants instead")
+    p.add_argument("--no-ref", action="store_true", help="skip the (slow) torch reference")
+    args = p.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    if args.sweep or args.variants:
+        sweep() if args.sweep else variants()
+        return
+    dev = torch.cuda.get_device_name()
+    mm_tflops, copy_gbs = ceilings()
+    print(f"{dev}: dense bf16 matmul {mm_tflops:.0f} TFLOP/s, d2d copy {copy_gbs:.0f} GB/s", flush=True)
+    print(HEADER)
+    rows = run_table(args, mm_tflops, copy_gbs)
+    table = "\n".join([HEADER] + [fmt_row(r, mm_tflops, copy_gbs) for r in rows])
+    head = (
+        f"# score_topk benchmark, {dev}\n\n"
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+        f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}\n"
+        f"- command: `{' '.join([sys.executable.split('/')[-1]] + sys.argv)}`\n"
+        f"- ceilings measured in this run: dense bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s; "
+        f"d2d copy {copy_gbs:.0f} GB/s (read + write)\n"
+        f"- topk {TOPK}, bf16 inputs, keys [0, N); TFLOP/s counts 2*c*N*H*d; GB/s counts reading K once "
+        f"(N*Hkv*d*2 bytes); vs ref = ref time / kernel time; kernel/SDPA = kernel time / SDPA time\n\n"
+    )
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(head + table + "\n")
+
+
+if __name__ == "__main__":
+    main()

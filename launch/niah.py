@@ -1,0 +1,178 @@
+"""Needle-in-a-haystack beyond the model's trained window, several modes side by side.
+
+    python launch/niah.py --model smollm2-135m --len 16K --depths 0.1,0.5,0.9 --mode full,streaming,reattention
+
+Writes ``OUT/results.jsonl`` (one line per trial, appended as it finishes; a re-run with the same
+``--out`` skips trials already recorded), ``OUT/heatmap.png`` and prints a per-mode table.
+Any config field can be overridden: ``--scope.topk=8``, ``--model.dtype=bf16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from dist_reattn.config import MODES, ConfigError, format_count, load_config, parse_count, preset_path
+from dist_reattn.distributed import Comm
+from dist_reattn.models.load import load_tokenizer
+from dist_reattn.report.niah_plots import plot_heatmap, summary_table
+from dist_reattn.report.results import append_record, read_records
+from dist_reattn.runtime import build_engine, prepare
+from dist_reattn.tasks.niah import HAYSTACKS, build_sample, is_correct, min_length
+
+log = logging.getLogger("niah")
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Config overrides: --section.field=value, e.g. --scope.topk=8 --scope.local=2048 --model.dtype=bf16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="bundled name, HF directory or .gguf file")
+    p.add_argument(
+        "--config", default=None, help="YAML preset (name in configs/ or path); default: the model's"
+    )
+    p.add_argument(
+        "--len", default="16K", help="prompt lengths, comma list: 16K,32K (K=1024, M=1024*1024) or ints"
+    )
+    p.add_argument("--depths", default="0.5", help="needle depths in [0, 1], comma list")
+    p.add_argument("--mode", default="full,reattention", help=f"comma list of {', '.join(MODES)}")
+    p.add_argument("--trials", type=int, default=1, help="trials (different needles) per cell")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--haystack", default="noise", choices=HAYSTACKS)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--out", default=None, help="output directory (default runs/niah-<time>)")
+    args, rest = p.parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "." in r.split("=")[0])]
+    if bad:
+        p.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = rest
+    return args
+
+
+def validate(args):
+    """Checks every flag before anything heavy; returns (config, lengths, depths, modes)."""
+    lengths = [parse_count(x) for x in args.len.split(",")]
+    try:
+        depths = [float(x) for x in args.depths.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--depths {args.depths!r}: give fractions in [0, 1], e.g. 0.1,0.5,0.9") from e
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ConfigError(f"--depths {args.depths!r}: every depth must be in [0, 1]")
+    modes = [m.strip() for m in args.mode.split(",")]
+    for m in modes:
+        if m not in MODES:
+            raise ConfigError(f"--mode {m!r} is not one of {', '.join(MODES)}")
+    if args.trials < 1 or args.max_new_tokens < 1:
+        raise ConfigError("--trials and --max-new-tokens must be >= 1")
+    preset = args.config or (args.model if preset_path(args.model) else None)
+    cfg = load_config(preset, [f"model.path={args.model}", *args.overrides])
+    for m in modes:
+        dataclasses.replace(cfg.scope, mode=m).validate()
+    return cfg, lengths, depths, modes
+
+
+def trial_key(r: dict) -> tuple:
+    return (r["mode"], r["target_len"], round(r["depth"], 6), r["trial"], r["seed"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    comm = Comm.single()
+    logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING, format="%(message)s")
+    try:
+        cfg, lengths, depths, modes = validate(args)
+        capacity = max(lengths) + args.max_new_tokens
+        plan_cfg = copy.deepcopy(cfg)
+        plan_cfg.scope.mode = "full" if "full" in modes else modes[0]
+        prep = prepare(plan_cfg, capacity, comm)
+        tokenizer = load_tokenizer(prep.source)
+        shortest = min_length(tokenizer, args.haystack)
+        if min(lengths) < shortest:
+            raise ConfigError(
+                f"--len {min(lengths)} is too short to hold the needle and question: use >= {shortest}"
+            )
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    log.info(
+        f"model {prep.source} ({prep.spec.arch}, window {prep.spec.window}) on {prep.device} {prep.dtype}"
+    )
+    log.info(f"memory plan for {capacity} tokens: {prep.plan.describe()}")
+
+    out = Path(args.out or f"runs/niah-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {trial_key(r) for r in read_records(results)}
+    cells = [(n, d, t) for n in lengths for d in depths for t in range(args.trials)]
+    todo = [(n, d, t, m) for n, d, t in cells for m in modes if (m, n, round(d, 6), t, args.seed) not in done]
+    if len(todo) < len(cells) * len(modes):
+        log.info(f"resuming {results}: {len(cells) * len(modes) - len(todo)} trials already recorded")
+
+    engine = build_engine(cfg, prep, capacity, comm)
+    scope_fields = ("sink", "local", "topk", "span", "recall_clip", "chunk")
+    bar = tqdm(
+        total=sum(n for n, *_ in todo), unit="tok", unit_scale=True, disable=comm.rank != 0, smoothing=0.1
+    )
+    sample_key, sample = None, None
+    for n, depth, trial, mode in todo:
+        if sample_key != (n, depth, trial):
+            sample_key = (n, depth, trial)
+            sample = build_sample(
+                tokenizer, n, depth, seed=args.seed * 1_000_003 + trial, haystack=args.haystack
+            )
+        engine.scope.mode = mode
+        bar.set_description(f"{mode} {format_count(n)} depth {depth}")
+        t0 = time.perf_counter()
+        gen = engine.generate(sample.input_ids, args.max_new_tokens, on_chunk=bar.update)
+        seconds = time.perf_counter() - t0
+        answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
+        record = {
+            "mode": mode,
+            "len": sample.length,
+            "target_len": n,
+            "depth": depth,
+            "trial": trial,
+            "seed": args.seed,
+            "needle": sample.needle,
+            "correct": is_correct(answer, sample),
+            "answer": answer,
+            "seconds": round(seconds, 3),
+            "prefill_seconds": round(gen.prefill_seconds, 3),
+            "decode_seconds": round(gen.decode_seconds, 3),
+            "prefill_tok_s": round(gen.prefill_tok_s, 1),
+            **{f: getattr(cfg.scope, f) for f in scope_fields},
+            "model": cfg.model.path,
+            "haystack": args.haystack,
+            "device": str(prep.device),
+            "dtype": str(prep.dtype).replace("torch.", ""),
+            "world": comm.world,
+        }
+        if comm.rank == 0:
+            append_record(results, record)
+        bar.update(n - sample.length)  # the bar counts requested lengths; prompts may be a few tokens short
+        bar.write(
+            f"{mode:12s} len {sample.length:>8d} depth {depth:.2f}: {'OK ' if record['correct'] else 'MISS'} "
+            f"{answer.strip()[:40]!r} (needle {sample.needle}, {seconds:.1f} s)"
+        )
+    bar.close()
+    if comm.rank == 0:
+        records = read_records(results)
+        print(summary_table(records))
+        plot_heatmap(records, out / "heatmap.png")
+        print(f"results: {results}\nheatmap: {out / 'heatmap.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(main())

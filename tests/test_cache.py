@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_reattn.cache import KVCache, check_memory, local_capacity, plan_memory
+from dist_reattn.config import ConfigError
+from dist_reattn.models.spec import ModelSpec
+
+SMOLLM2 = ModelSpec("llama", 30, 9, 3, 64, 576, 1536, 49152, 8192, True)
+
+
+@pytest.mark.parametrize("world,page", [(1, 4), (2, 4), (3, 5), (4, 1)])
+def test_striped_pages_hold_every_token_once_in_order(world, page):
+    n = 61
+    k = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, 1, 2).contiguous()
+    seen = []
+    for rank in range(world):
+        cache = KVCache(1, 1, 2, n, torch.float32, torch.device("cpu"), rank, world, page)
+        for pos in range(0, n, 7):  # appended in uneven chunks
+            cache.append(0, pos, k[pos : pos + 7], k[pos : pos + 7])
+        rows = torch.arange(cache.local_count(n))
+        g = cache.to_global(rows)
+        assert torch.equal(cache.k[0, rows, 0, 0], g.float())  # each row holds its global token
+        assert bool((g[1:] > g[:-1]).all())  # in global order
+        assert torch.equal(cache.to_local(g), rows)
+        assert bool(cache.owned_mask(g).all())
+        lo, hi = cache.local_rows(10, 40)
+        assert cache.to_global(torch.arange(lo, hi)).tolist() == [j for j in g.tolist() if 10 <= j < 40]
+        assert cache.local_capacity == local_capacity(n, world, page, rank)
+        seen += g.tolist()
+    assert sorted(seen) == list(range(n))
+
+
+def test_kv_bytes_match_design():
+    # DESIGN section 5: 23,040 bytes per token in bf16.
+    assert SMOLLM2.kv_bytes_per_token(2) == 23040
+    plan = plan_memory(
+        SMOLLM2,
+        1 << 20,
+        torch.bfloat16,
+        torch.device("cpu"),
+        chunk=512,
+        max_scope=8192,
+        full_mode=False,
+        world=2,
+    )
+    assert plan.kv_bytes == (1 << 19) * 23040
+
+
+def test_plan_refuses_with_numbers():
+    plan = plan_memory(
+        SMOLLM2, 64 << 20, torch.float32, torch.device("cpu"), chunk=512, max_scope=8192, full_mode=False
+    )
+    with pytest.raises(ConfigError, match=r"does not fit: 67108864 tokens need .*KV 2880\.00 GiB.*available"):
+        check_memory(plan, 64 << 20, 1)
+
+
+def test_cache_rejects_overflow():
+    cache = KVCache(1, 1, 2, 8, torch.float32, torch.device("cpu"), page=4)
+    with pytest.raises(RuntimeError, match="capacity"):
+        cache.append(0, 6, torch.zeros(3, 1, 2), torch.zeros(3, 1, 2))

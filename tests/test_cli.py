@@ -1,0 +1,86 @@
+"""launch/niah.py: bad input fails fast with one line and exit status 2; a short real run writes its files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def niah(*args, tmp_path=None):
+    out = ["--out", str(tmp_path / "run")] if tmp_path else []
+    return subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "niah.py"), *args, *out],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--len", "4Q"], "'4Q' is not a positive token count"),
+        (["--len", "-1"], "'-1' is not a positive token count"),
+        (["--len", "0"], "'0' is not a positive token count"),
+        (["--depths", "0.5,1.5"], "every depth must be in [0, 1]"),
+        (["--depths", "half"], "give fractions in [0, 1]"),
+        (["--mode", "full,dense"], "'dense' is not one of"),
+        (["--scope.chunk=0"], "scope.chunk=0 must be > 0"),
+        (["--scope.topk=-1"], "scope.topk=-1 must be >= 0"),
+        (["--model", "/no/such/model"], "model '/no/such/model' not found"),
+        (["--len", "50"], "too short to hold the needle and question: use >= "),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message):
+    r = niah(*args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unsupported_architecture_is_one_line(tmp_path):
+    d = tmp_path / "gpt2"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
+    r = niah("--model", str(d))
+    assert r.returncode == 2 and "supported: llama, mistral, qwen2, qwen3" in r.stderr, r.stderr
+
+
+def test_memory_plan_refuses_before_loading():
+    r = niah("--len", "60M", "--mode", "reattention")
+    assert r.returncode == 2, r.stderr
+    assert "does not fit: 62914576 tokens need per rank on cpu: KV" in r.stderr and "available" in r.stderr
+
+
+@pytest.mark.slow
+def test_short_run_writes_results_and_resumes(tmp_path):
+    args = [
+        "--len",
+        "600",
+        "--depths",
+        "0.5",
+        "--mode",
+        "full,reattention",
+        "--scope.local=256",
+        "--scope.chunk=128",
+    ]
+    r = niah(*args, tmp_path=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (tmp_path / "run" / "results.jsonl").read_text().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert [x["mode"] for x in records] == ["full", "reattention"]
+    for x in records:
+        assert x["target_len"] == 600 and 592 <= x["len"] <= 600 and x["depth"] == 0.5
+        assert isinstance(x["correct"], bool) and x["local"] == 256 and x["chunk"] == 128 and x["seconds"] > 0
+    assert (tmp_path / "run" / "heatmap.png").stat().st_size > 1000
+    assert "full" in r.stdout and "reattention" in r.stdout
+    r = niah(*args, tmp_path=tmp_path)  # everything recorded: nothing re-run, nothing duplicated
+    assert r.returncode == 0 and "2 trials already recorded" in r.stderr
+    assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 2

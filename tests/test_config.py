@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import pytest
+
+from dist_reattn.config import ConfigError, format_count, load_config, parse_count
+
+
+@pytest.mark.parametrize("text,n", [("16K", 16384), ("1M", 1 << 20), ("4m", 4 << 20), ("20000", 20000)])
+def test_parse_count(text, n):
+    assert parse_count(text) == n
+    assert parse_count(format_count(n)) == n
+
+
+@pytest.mark.parametrize("text", ["4Q", "-1", "0", "", "1.5K", "K"])
+def test_parse_count_rejects(text):
+    with pytest.raises(ConfigError, match="not a positive token count"):
+        parse_count(text)
+
+
+def test_presets_and_overrides():
+    cfg = load_config("smollm2-135m", ["--scope.topk=8", "scope.local=2K", "model.dtype=bf16"])
+    assert (cfg.scope.topk, cfg.scope.local, cfg.scope.recall_clip, cfg.model.dtype) == (8, 2048, 127, "bf16")
+    for name in ("llama-3.1-8b", "llama-3.2-3b", "qwen2.5-7b", "qwen2.5-1.5b", "mistral-7b-v0.3"):
+        cfg = load_config(name)
+        assert (cfg.scope.local, cfg.scope.recall_clip, cfg.scope.sink, cfg.scope.chunk) == (
+            8192,
+            256,
+            32,
+            512,
+        )
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("scope.chunk=0", "chunk=0 must be > 0"),
+        ("scope.topk=-1", "topk=-1 must be >= 0"),
+        ("scope.mode=dense", "not one of"),
+        ("scope.local=100", "must be >= scope.chunk"),
+        ("scope.nope=1", "unknown field"),
+        ("nosuch.x=1", "unknown config section"),
+        ("scope.topk", "needs a value"),
+        ("model.dtype=fp8", "use auto, bf16"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unknown_preset():
+    with pytest.raises(ConfigError, match="presets: .*smollm2-135m"):
+        load_config("gpt-9")

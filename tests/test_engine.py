@@ -1,0 +1,97 @@
+"""The engine on tiny random models of every supported architecture, against the unmodified HF model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_model
+
+from dist_reattn.config import ScopeConfig
+from dist_reattn.engine import Engine
+from dist_reattn.models.adapter import ReAttnModel
+
+N = 150
+# fp32 everywhere: chunked attention sums in a different order than one HF call, so logits agree
+# to float32 rounding accumulated over 2 layers, far below 1e-4 of logits of order 1.
+ATOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_models(request):
+    hf = tiny_model(request.param)
+    ours = ReAttnModel(copy.deepcopy(hf))
+    ids = torch.randint(0, 120, (N,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref_logits = hf(ids[None]).logits[0, -1]
+        ref_tokens = hf.generate(ids[None], max_new_tokens=6, do_sample=False)[0, N:].tolist()
+    return hf, ours, ids, ref_logits, ref_tokens
+
+
+def test_full_mode_matches_hf(arch_models):
+    _, ours, ids, ref_logits, ref_tokens = arch_models
+    engine = Engine(ours, ScopeConfig(mode="full", sink=4, local=32, chunk=32), capacity=N + 8)
+    torch.testing.assert_close(engine.prefill(ids), ref_logits, atol=ATOL, rtol=0)
+    assert engine.generate(ids, 6).tokens == ref_tokens
+
+
+def test_reattention_equals_full_when_cache_fits_the_window(arch_models):
+    _, ours, ids, ref_logits, _ = arch_models
+    engine = Engine(ours, ScopeConfig(mode="reattention", sink=4, local=N, chunk=32), capacity=N + 8)
+    torch.testing.assert_close(engine.prefill(ids), ref_logits, atol=ATOL, rtol=0)
+
+
+def test_retrieval_path_selecting_everything_equals_full(arch_models):
+    # topk and recall_clip as large as the middle: every middle token is retrieved, so the scope is
+    # the whole cache in order and positions equal the original ones.
+    _, ours, ids, ref_logits, ref_tokens = arch_models
+    cfg = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=N, span=1, recall_clip=N)
+    engine = Engine(ours, cfg, capacity=N + 8, record_selection=True)
+    torch.testing.assert_close(engine.prefill(ids), ref_logits, atol=ATOL, rtol=0)
+    assert engine.selections, "the retrieval step never ran"
+    for _, n, scope in engine.selections:
+        assert torch.equal(scope, torch.arange(n))
+    assert engine.generate(ids, 6).tokens == ref_tokens
+
+
+def test_reattention_scope_structure(arch_models):
+    _, ours, ids, ref_logits, _ = arch_models
+    cfg = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=5)
+    engine = Engine(ours, cfg, capacity=N + 8, record_selection=True)
+    gen = engine.generate(ids, 4)
+    assert len(gen.tokens) >= 1
+    layers = ours.spec.layers
+    decode_steps = [s for s in engine.selections if s[1] > N]
+    assert len(decode_steps) == layers * (len(gen.tokens) - 1)
+    for _, n, scope in engine.selections:
+        assert torch.equal(scope[:4], torch.arange(4))
+        assert torch.equal(scope[-32:], torch.arange(n - 32, n))
+        middle = scope[4:-32]
+        assert middle.numel() <= 5 * 4
+        assert bool((middle >= 4).all()) and bool((middle < n - 32).all())
+        assert bool((middle[1:] > middle[:-1]).all())
+
+
+def test_streaming_mode_is_reattention_with_topk_zero(arch_models):
+    _, ours, ids, _, _ = arch_models
+    a = Engine(ours, ScopeConfig(mode="streaming", sink=4, local=32, chunk=16), capacity=N)
+    b = Engine(ours, ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=0), capacity=N)
+    torch.testing.assert_close(a.prefill(ids), b.prefill(ids), atol=0, rtol=0)
+
+
+def test_capacity_is_enforced(arch_models):
+    _, ours, ids, _, _ = arch_models
+    engine = Engine(ours, ScopeConfig(mode="full", sink=4, local=32, chunk=32), capacity=N - 1)
+    with pytest.raises(RuntimeError, match="capacity"):
+        engine.prefill(ids)
+
+
+def test_unsupported_architecture_is_refused():
+    import transformers as tf
+
+    from dist_reattn.config import ConfigError
+
+    cfg = tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
+    with pytest.raises(ConfigError, match="supported: llama, mistral, qwen2, qwen3"):
+        ReAttnModel(tf.GPT2LMHeadModel(cfg))
