@@ -77,6 +77,23 @@ class CacheConfig:
 class DebugConfig:
     record_selection: bool = False
     """Keep every step's scope (global token indices) per layer, for equivalence checks."""
+    check_consensus: bool = False
+    """Compare a checksum of every step's scope across ranks and fail loudly on disagreement."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: bool = True
+    """With several ranks, split projections, heads and MLPs over them (DeepSpeed AutoTP); off:
+    every rank computes the whole model and only the KV cache and the scoring are sharded."""
+
+
+@dataclass
+class DistConfig:
+    timeout_s: float = 600.0
+    """A collective waiting longer than this (a dead or hung rank) ends the whole job."""
+    backend: str = "auto"
+    """``auto`` (NCCL with GPUs, gloo without), ``nccl`` or ``gloo``."""
 
 
 @dataclass
@@ -85,6 +102,8 @@ class Config:
     scope: ScopeConfig = field(default_factory=ScopeConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
         self.scope.validate()
@@ -92,6 +111,10 @@ class Config:
             raise ConfigError(f"cache.page={self.cache.page} must be > 0")
         if self.model.dtype not in ("auto", "bf16", "fp16", "fp32"):
             raise ConfigError(f"model.dtype={self.model.dtype!r}: use auto, bf16, fp16 or fp32")
+        if self.dist.backend not in ("auto", "nccl", "gloo"):
+            raise ConfigError(f"dist.backend={self.dist.backend!r}: use auto, nccl or gloo")
+        if self.dist.timeout_s <= 0:
+            raise ConfigError(f"dist.timeout_s={self.dist.timeout_s} must be > 0")
         if self.model.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"model.device={self.model.device!r}: use auto, cpu or cuda")
 

@@ -6,11 +6,14 @@ it down. A single process (no torchrun) is ``Comm.single()``: world size 1, coll
 
 from __future__ import annotations
 
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
 
 @dataclass
@@ -28,15 +31,27 @@ class CollectiveStats:
 
     def as_dict(self) -> dict:
         return {
-            k: {"calls": self.calls[k], "bytes": self.bytes[k], "seconds": self.seconds[k]}
+            k: {"calls": self.calls[k], "bytes": self.bytes[k], "seconds": round(self.seconds[k], 6)}
             for k in self.calls
         }
 
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes.clear()
+        self.seconds.clear()
+
 
 class Comm:
-    """One process group's collectives. ``group`` None means the default group when initialized."""
+    """The collectives of one process group, counted per kind.
+
+    Args:
+        group: a ``torch.distributed`` process group, or None for a single process.
+        rank, world: this rank and the group size.
+    """
 
     def __init__(self, group=None, *, rank: int = 0, world: int = 1):
+        if world > 1 and group is None:
+            raise ValueError("a Comm of several ranks needs its process group")
         self.group, self.rank, self.world = group, rank, world
         self.stats = CollectiveStats()
 
@@ -44,15 +59,105 @@ class Comm:
     def single(cls) -> Comm:
         return cls(None, rank=0, world=1)
 
+    @classmethod
+    def of_group(cls, group) -> Comm:
+        return cls(group, rank=dist.get_rank(group), world=dist.get_world_size(group))
+
+    def _timed(self, kind: str, nbytes: int, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        self.stats.add(kind, nbytes, time.perf_counter() - t0)
+        return out
+
     def all_gather(self, t: torch.Tensor, kind: str = "all_gather") -> torch.Tensor:
         """Stacks every rank's ``t`` (same shape on all ranks): returns ``[P, *t.shape]``."""
-        t0 = time.perf_counter()
         if self.world == 1:
-            out = t[None]
-        else:
-            import torch.distributed as dist
+            return t[None]
 
-            out = t.new_empty((self.world, *t.shape))
-            dist.all_gather_into_tensor(out, t.contiguous(), group=self.group)
-        self.stats.add(kind, t.numel() * t.element_size(), time.perf_counter() - t0)
-        return out
+        def run():
+            parts = [torch.empty_like(t) for _ in range(self.world)]
+            dist.all_gather(parts, t.contiguous(), group=self.group)
+            return torch.stack(parts)
+
+        return self._timed(kind, t.numel() * t.element_size(), run)
+
+    def all_reduce(self, t: torch.Tensor, kind: str = "all_reduce") -> torch.Tensor:
+        """Sums ``t`` over the ranks, in place; returns it."""
+        if self.world == 1:
+            return t
+        return self._timed(
+            kind, t.numel() * t.element_size(), lambda: dist.all_reduce(t, group=self.group) or t
+        )
+
+    def broadcast_object(self, obj, kind: str = "broadcast_object"):
+        """Rank 0's ``obj`` (any picklable value) on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        return self._timed(
+            kind, 0, lambda: dist.broadcast_object_list(box, src=0, group=self.group) or box[0]
+        )
+
+    def check_same(self, values: list[int], what: str) -> None:
+        """Fails loudly, naming the ranks, unless every rank passed the same ``values``."""
+        if self.world == 1:
+            return
+        mine = torch.tensor(values, dtype=torch.int64)
+        if self.group is not None and dist.get_backend(self.group) == "nccl":
+            mine = mine.cuda()
+        everyone = self.all_gather(mine, "consensus").cpu()
+        differ = [r for r in range(self.world) if not torch.equal(everyone[r], everyone[0])]
+        if differ:
+            raise RuntimeError(
+                f"ranks disagree on {what}: rank 0 has {everyone[0].tolist()}, ranks {differ} differ"
+            )
+
+
+def env_world() -> tuple[int, int, int, int] | None:
+    """(rank, world, local_rank, local_world) from torchrun's or Slurm's variables; None if neither."""
+    e = os.environ
+    if "RANK" in e and "WORLD_SIZE" in e:
+        world = int(e["WORLD_SIZE"])
+        return int(e["RANK"]), world, int(e.get("LOCAL_RANK", 0)), int(e.get("LOCAL_WORLD_SIZE", world))
+    if "SLURM_PROCID" in e and int(e.get("SLURM_NTASKS", "1")) > 1:
+        # srun started one task per rank (no torchrun): MASTER_ADDR/PORT come from the job script.
+        world = int(e["SLURM_NTASKS"])
+        local_world = int(e.get("SLURM_NTASKS_PER_NODE", e.get("SLURM_TASKS_PER_NODE", "1")).split("(")[0])
+        return int(e["SLURM_PROCID"]), world, int(e.get("SLURM_LOCALID", 0)), local_world
+    return None
+
+
+def init_from_env(timeout_s: float = 600.0, backend: str = "auto") -> Comm:
+    """Joins the job's process group when launched by torchrun or srun; a plain process gets ``Comm.single()``.
+
+    Args:
+        timeout_s: a collective that waits longer than this (a dead or hung rank) fails the job.
+        backend: ``auto`` (NCCL with GPUs, gloo without), ``nccl`` or ``gloo``.
+    """
+    found = env_world()
+    if found is None:
+        return Comm.single()
+    rank, world, local_rank, local_world = found
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    # DeepSpeed's CPU shared-memory all-reduce reads LOCAL_SIZE; its launcher sets it, torchrun does not.
+    os.environ.setdefault("LOCAL_SIZE", str(local_world))
+    if os.environ.get("MASTER_ADDR") is None:
+        raise RuntimeError(
+            "MASTER_ADDR is not set: launch with torchrun, or export MASTER_ADDR/MASTER_PORT for srun"
+        )
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        # Fail instead of hanging when a peer dies: the watchdog aborts the communicator after the timeout.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return Comm.of_group(dist.group.WORLD)
+
+
+def shutdown(comm: Comm) -> None:
+    if comm.world > 1 or dist.is_initialized():
+        dist.destroy_process_group()

@@ -51,13 +51,15 @@ class Step:
         """
         e = self.engine
         n = self.n0 + self.c
-        e.cache.append(layer, self.n0, k.transpose(0, 1), v.transpose(0, 1))
-        scope = e.scope_for(layer, q.transpose(0, 1), n)
-        if scope is None:
-            # Everything in the cache, original positions 0..n-1 (P = 1: local rows are global).
+        q_all, k_all, v_all = e.all_heads(q, k, v)
+        e.cache.append(layer, self.n0, k_all.transpose(0, 1), v_all.transpose(0, 1))
+        scope = e.scope_for(layer, q_all.transpose(0, 1), n)
+        if scope is None and e.comm.world == 1:
+            # Everything in the cache at original positions 0..n-1; with one rank local rows are global.
             keys, values = e.cache.k[layer, :n], e.cache.v[layer, :n]
         else:
-            keys, values = e.gather(layer, scope)
+            keys, values = e.gather(layer, torch.arange(n, device=q.device) if scope is None else scope)
+        keys, values = keys[:, e.kv_heads], values[:, e.kv_heads]  # this rank's KV heads
         m = keys.shape[0]
         cos, sin = e.rope_table(m)
         return scope_attention(
@@ -75,6 +77,7 @@ class Engine:
         comm: collectives of the sequence-sharding group; ``Comm.single()`` for one process.
         page: cache page size in tokens.
         record_selection: keep every step's scope per layer in ``self.selections``.
+        check_consensus: compare a checksum of every step's scope across ranks; raise on disagreement.
     """
 
     def __init__(
@@ -85,12 +88,11 @@ class Engine:
         comm: Comm | None = None,
         page: int = 256,
         record_selection: bool = False,
+        check_consensus: bool = False,
     ):
         scope.validate()
         self.model, self.scope, self.capacity = model, scope, capacity
         self.comm = comm or Comm.single()
-        if self.comm.world != 1:
-            raise NotImplementedError("sequence sharding over several ranks is not wired into the engine yet")
         s = model.spec
         self.cache = KVCache(
             s.layers,
@@ -103,8 +105,12 @@ class Engine:
             self.comm.world,
             page,
         )
+        self.kv_heads = slice(None)  # the KV heads this rank attends with: all, or its tensor-parallel share
+        if model.tensor_parallel:
+            kv0 = sum(hkv for _, hkv in model.layout[: self.comm.rank])
+            self.kv_heads = slice(kv0, kv0 + model.layout[self.comm.rank][1])
         self.n = 0
-        self.record_selection = record_selection
+        self.record_selection, self.check_consensus = record_selection, check_consensus
         self.selections: list[tuple[int, int, torch.Tensor]] = []  # (layer, n incl. chunk, scope)
         self._cos = self._sin = None
 
@@ -142,14 +148,51 @@ class Engine:
                 n,
                 cfg,
             )
+        if self.check_consensus:
+            self.comm.check_same(
+                [scope.numel(), int(scope.sum()), int((scope * scope).sum())],
+                f"the scope of layer {layer} at n={n}",
+            )
         if self.record_selection:
             self.selections.append((layer, n, scope.cpu()))
         return scope
 
+    def all_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """q, k, v of every head: this rank's ``[h, c, d]`` pieces gathered in one collective.
+
+        Under tensor parallelism each rank computes only its heads (uneven counts are padded to the
+        widest rank); scoring needs every query head and the cache keeps every KV head.
+        """
+        if not self.model.tensor_parallel:
+            return q, k, v
+        layout = self.model.layout
+        width = max(hq + 2 * hkv for hq, hkv in layout)
+        x = torch.cat([q, k, v])  # [hq + 2 hkv, c, d]
+        if x.shape[0] < width:
+            x = torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
+        every = self.comm.all_gather(x, "qkv_heads")  # [P, width, c, d]
+        qs = [every[r, :hq] for r, (hq, _) in enumerate(layout)]
+        ks = [every[r, hq : hq + hkv] for r, (hq, hkv) in enumerate(layout)]
+        vs = [every[r, hq + hkv : hq + 2 * hkv] for r, (hq, hkv) in enumerate(layout)]
+        return torch.cat(qs), torch.cat(ks), torch.cat(vs)
+
     def gather(self, layer: int, scope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scope K/V ``[m, Hkv, d]`` (pre-RoPE) in scope order."""
-        rows = self.cache.to_local(scope)
-        return self.cache.k[layer, rows], self.cache.v[layer, rows]
+        """Scope K/V ``[m, Hkv, d]`` (pre-RoPE) in scope order, fetched from the ranks that own them.
+
+        Each rank fills the rows it owns and the sum over ranks assembles the whole scope (every
+        row has exactly one owner, the others add zeros, so the sum is exact in any dtype).
+        """
+        cache = self.cache
+        if self.comm.world == 1:
+            rows = cache.to_local(scope)
+            return cache.k[layer, rows], cache.v[layer, rows]
+        mine = cache.owned_mask(scope)
+        rows = cache.to_local(scope[mine])
+        kv = cache.k.new_zeros((2, scope.numel(), *cache.k.shape[2:]))  # [2, m, Hkv, d]
+        kv[0, mine] = cache.k[layer, rows]
+        kv[1, mine] = cache.v[layer, rows]
+        kv = self.comm.all_reduce(kv, "scope_kv")
+        return kv[0], kv[1]
 
     def step(self, ids: torch.Tensor) -> torch.Tensor:
         """Feeds ``ids [c]`` at the end of the sequence; returns the last token's logits."""

@@ -73,10 +73,11 @@ def build_engine(cfg: Config, prep: Prepared, capacity: int, comm: Comm):
 
     model = load_model(prep.source, prep.dtype, prep.device)
     return Engine(
-        ReAttnModel(model),
+        ReAttnModel(model, comm, tensor_parallel=cfg.parallel.tensor_parallel),
         cfg.scope,
         capacity,
         comm=comm,
         page=cfg.cache.page,
         record_selection=cfg.debug.record_selection,
+        check_consensus=cfg.debug.check_consensus,
     )

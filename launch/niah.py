@@ -1,6 +1,7 @@
 """Needle-in-a-haystack beyond the model's trained window, several modes side by side.
 
     python launch/niah.py --model smollm2-135m --len 16K --depths 0.1,0.5,0.9 --mode full,streaming,reattention
+    torchrun --nproc_per_node 2 launch/niah.py --model smollm2-135m --len 16K --depths 0.1,0.5,0.9 --mode reattention
 
 Writes ``OUT/results.jsonl`` (one line per trial, appended as it finishes; a re-run with the same
 ``--out`` skips trials already recorded), ``OUT/heatmap.png`` and prints a per-mode table.
@@ -21,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from dist_reattn.config import MODES, ConfigError, format_count, load_config, parse_count, preset_path
-from dist_reattn.distributed import Comm
+from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.models.load import load_tokenizer
 from dist_reattn.report.niah_plots import plot_heatmap, summary_table
 from dist_reattn.report.results import append_record, read_records
@@ -87,10 +88,21 @@ def trial_key(r: dict) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    comm = Comm.single()
-    logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING, format="%(message)s")
     try:
         cfg, lengths, depths, modes = validate(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    comm = init_from_env(cfg.dist.timeout_s, cfg.dist.backend)
+    logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING, format="%(message)s")
+    try:
+        return run(args, cfg, lengths, depths, modes, comm)
+    finally:
+        shutdown(comm)
+
+
+def run(args, cfg, lengths, depths, modes, comm) -> int:
+    try:
         capacity = max(lengths) + args.max_new_tokens
         plan_cfg = copy.deepcopy(cfg)
         plan_cfg.scope.mode = "full" if "full" in modes else modes[0]
@@ -102,21 +114,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"--len {min(lengths)} is too short to hold the needle and question: use >= {shortest}"
             )
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if comm.rank == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     log.info(
         f"model {prep.source} ({prep.spec.arch}, window {prep.spec.window}) on {prep.device} {prep.dtype}"
     )
-    log.info(f"memory plan for {capacity} tokens: {prep.plan.describe()}")
+    log.info(f"memory plan for {capacity} tokens on {comm.world} rank(s): {prep.plan.describe()}")
 
-    out = Path(args.out or f"runs/niah-{time.strftime('%Y%m%d-%H%M%S')}")
-    out.mkdir(parents=True, exist_ok=True)
+    # Rank 0 decides what is left to run (it alone reads and writes the results file).
+    plan = None
+    if comm.rank == 0:
+        out = Path(args.out or f"runs/niah-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.mkdir(parents=True, exist_ok=True)
+        done = {trial_key(r) for r in read_records(out / "results.jsonl")}
+        cells = [(n, d, t) for n in lengths for d in depths for t in range(args.trials)]
+        todo = [
+            (n, d, t, m) for n, d, t in cells for m in modes if (m, n, round(d, 6), t, args.seed) not in done
+        ]
+        if len(todo) < len(cells) * len(modes):
+            log.info(
+                f"resuming {out / 'results.jsonl'}: {len(cells) * len(modes) - len(todo)} trials already recorded"
+            )
+        plan = (str(out), todo)
+    out, todo = comm.broadcast_object(plan)
+    out = Path(out)
     results = out / "results.jsonl"
-    done = {trial_key(r) for r in read_records(results)}
-    cells = [(n, d, t) for n in lengths for d in depths for t in range(args.trials)]
-    todo = [(n, d, t, m) for n, d, t in cells for m in modes if (m, n, round(d, 6), t, args.seed) not in done]
-    if len(todo) < len(cells) * len(modes):
-        log.info(f"resuming {results}: {len(cells) * len(modes) - len(todo)} trials already recorded")
 
     engine = build_engine(cfg, prep, capacity, comm)
     scope_fields = ("sink", "local", "topk", "span", "recall_clip", "chunk")
@@ -132,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         engine.scope.mode = mode
         bar.set_description(f"{mode} {format_count(n)} depth {depth}")
+        comm.stats.reset()
         t0 = time.perf_counter()
         gen = engine.generate(sample.input_ids, args.max_new_tokens, on_chunk=bar.update)
         seconds = time.perf_counter() - t0
@@ -156,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             "device": str(prep.device),
             "dtype": str(prep.dtype).replace("torch.", ""),
             "world": comm.world,
+            "kv_bytes_per_rank": engine.cache.nbytes(),
+            "collectives": comm.stats.as_dict(),
         }
         if comm.rank == 0:
             append_record(results, record)

@@ -84,3 +84,35 @@ def test_short_run_writes_results_and_resumes(tmp_path):
     r = niah(*args, tmp_path=tmp_path)  # everything recorded: nothing re-run, nothing duplicated
     assert r.returncode == 0 and "2 trials already recorded" in r.stderr
     assert len((tmp_path / "run" / "results.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_answers_as_one(tmp_path):
+    # SmolLM2 beyond sink + local (1.5K prompt, local 256): the retrieval step runs on both shards.
+    args = [
+        str(ROOT / "launch" / "niah.py"),
+        "--len", "1500", "--depths", "0.3,0.7", "--mode", "reattention,streaming",
+        "--scope.local=256", "--scope.chunk=128", "--scope.recall_clip=16", "--cache.page=64",
+        "--debug.check_consensus=true",
+    ]  # fmt: skip
+    one = subprocess.run(
+        [sys.executable, *args, "--out", str(tmp_path / "p1")], capture_output=True, text=True
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "p2")], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    r1 = [json.loads(x) for x in (tmp_path / "p1" / "results.jsonl").read_text().splitlines()]
+    r2 = [json.loads(x) for x in (tmp_path / "p2" / "results.jsonl").read_text().splitlines()]
+    assert len(r1) == len(r2) == 4
+    for a, b in zip(r1, r2, strict=True):
+        assert (a["mode"], a["depth"], a["answer"], a["correct"]) == (
+            b["mode"],
+            b["depth"],
+            b["answer"],
+            b["correct"],
+        )
+        assert (a["world"], b["world"]) == (1, 2)
+        # 1516 tokens in 64-token pages: 24 pages, 12 per rank.
+        assert b["kv_bytes_per_rank"] * 2 == a["kv_bytes_per_rank"]
+    assert r2[0]["collectives"]["topk_candidates"]["calls"] > 0

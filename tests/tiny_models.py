@@ -8,7 +8,7 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def tiny_model(
-    arch: str, seed: int = 0, layers: int = 2, heads: int = 6, kv_heads: int = 2, vocab: int = 128
+    arch: str, seed: int = 0, layers: int = 2, heads: int = 6, kv_heads: int = 3, vocab: int = 128
 ):
     """A float32 ``*ForCausalLM`` with head_dim 16 in eval mode."""
     import transformers as tf

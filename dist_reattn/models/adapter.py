@@ -14,11 +14,16 @@ positions.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from ..distributed import Comm
+from . import tp
 from .load import spec_from_hf_config
 
 ATTN_NAME = "dist_reattn"
+log = logging.getLogger(__name__)
 
 
 class _ZeroRotation(torch.nn.Module):
@@ -57,12 +62,33 @@ def _register() -> None:
 
 
 class ReAttnModel:
-    """An HF causal LM whose attention layers defer to a step object supplied per forward."""
+    """An HF causal LM whose attention layers defer to a step object supplied per forward.
 
-    def __init__(self, model):
+    Args:
+        model: the HF ``*ForCausalLM``, whole (not yet sharded).
+        comm: the ranks to shard over; with several ranks and ``tensor_parallel``, the linear layers
+            are split by DeepSpeed AutoTP and each rank's attention gets only its own heads.
+    """
+
+    def __init__(self, model, comm: Comm | None = None, tensor_parallel: bool = True):
         _register()
-        self.hf = model
+        comm = comm or Comm.single()
         self.spec = spec_from_hf_config(model.config)
+        # AutoTP splits whole KV heads: with more ranks than KV heads, only the cache and the scoring
+        # are sharded and every rank computes the whole model.
+        self.tensor_parallel = tensor_parallel and 1 < comm.world <= self.spec.kv_heads
+        if tensor_parallel and comm.world > self.spec.kv_heads:
+            log.warning(
+                f"tensor parallelism off: {comm.world} ranks > {self.spec.kv_heads} KV heads; "
+                "the KV cache and scoring stay sharded"
+            )
+        if self.tensor_parallel:
+            model = tp.shard(model, comm)
+            # (query heads, KV heads) of every rank, in rank order
+            self.layout = tp.head_layout(model, self.spec.head_dim, comm)
+        else:
+            self.layout = [(self.spec.heads, self.spec.kv_heads)] * comm.world
+        self.hf = model
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
         model.set_attn_implementation(ATTN_NAME)
