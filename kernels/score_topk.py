@@ -123,52 +123,64 @@ INTERPRETED = False
 if triton is not None:
 
     @triton.jit
-    def _insert_rounds(s, m, need, cols, best_v, best_i, thr, worst_i):
-        """Rounds of extraction: each moves every row's best remaining candidate of ``s`` (lowest
-        index among equal scores) into its worst slot, until no row has one above its threshold."""
+    def _insert(best_v, best_i, thr, worst_i, m, key, need):
+        """Puts ``(m, key)`` into the worst slot of each row where ``need``; returns the new lists,
+        thresholds and worst-slot keys."""
+        slot = (best_i == worst_i[:, None]) & need[:, None]
+        best_v = tl.where(slot, m[:, None], best_v)
+        best_i = tl.where(slot, key[:, None], best_i)
+        thr = tl.min(best_v, axis=1)
+        # Among slots tied at the worst score the highest key index is the worst.
+        worst_i = tl.max(tl.where(best_v == thr[:, None], best_i, -2147483647), axis=1)
+        return best_v, best_i, thr, worst_i
+
+    @triton.jit
+    def _insert_rounds(s, offs, base, m, j, best_v, best_i, thr, worst_i):
+        """Rounds of extraction from the tile ``s``, starting at each row's best entry ``(m, j)``
+        (``j`` the lowest column among equal maxima): each round inserts the rows' entry where it
+        beats the row's threshold, masks it out and takes the next best, until no row has one."""
+        need = m > thr
         while tl.max(need.to(tl.int32), axis=0) > 0:
-            j = tl.min(tl.where(s == m[:, None], cols[None, :], 2147483647), axis=1)
-            slot = (best_i == worst_i[:, None]) & need[:, None]
-            best_v = tl.where(slot, m[:, None], best_v)
-            best_i = tl.where(slot, j[:, None], best_i)
-            s = tl.where(cols[None, :] == j[:, None], float("-inf"), s)
-            thr = tl.min(best_v, axis=1)
-            # Among slots tied at the worst score the highest key index is the worst.
-            worst_i = tl.max(tl.where(best_v == thr[:, None], best_i, -2147483647), axis=1)
+            best_v, best_i, thr, worst_i = _insert(best_v, best_i, thr, worst_i, m, base + j, need)
+            s = tl.where(offs[None, :] == j[:, None], float("-inf"), s)
             m = tl.max(s, axis=1)
+            j = tl.min(tl.where(s == m[:, None], offs[None, :], 2147483647), axis=1)
             need = m > thr
         return best_v, best_i, thr, worst_i
 
     @triton.jit
-    def _merge_tile(s, cols, best_v, best_i, thr, worst_i, ONE_INSERT: tl.constexpr):
-        """Merges the scored tile ``s`` [BLOCK_M, BLOCK_N] (keys ``cols``, ascending, all above every
-        key already in the lists) into the per-row lists ``best_v``/``best_i`` [BLOCK_M, TOPK_PAD].
+    def _merge_tile(s, offs, base, best_v, best_i, thr, worst_i, MERGE: tl.constexpr):
+        """Merges the scored tile ``s`` [BLOCK_M, BLOCK_N] (keys ``base + offs``, all above every key
+        already in the lists) into the per-row lists ``best_v``/``best_i`` [BLOCK_M, TOPK_PAD].
 
         ``thr`` is each row's worst kept score, ``worst_i`` the key index in its slot (slots hold
         distinct indices, so the index names the slot). A later key equal to the worst loses the tie,
         so only scores strictly above ``thr`` enter. A tile where no row beats its threshold (most
-        tiles after warm-up) costs one row max. With ``ONE_INSERT``, a tile where no row has two
-        scores above its threshold (the usual case past warm-up) takes one insertion without the
-        re-scan of the rounds.
+        tiles after warm-up) costs one row max and one block-wide test. Otherwise, where no row has
+        two entries above its threshold (the usual case past warm-up), each row's single entry is its
+        max ``m``: one insertion finishes the tile. ``MERGE`` 0 finds the count and the column of
+        those entries in one pass (a sum of ``2**16 + column`` over the entries above the threshold;
+        BLOCK_N <= 256 keeps the fields apart); ``MERGE`` 1 in two (a count, then the lowest column
+        holding ``m``). Rows with two or more go through rounds of extraction.
         """
         m = tl.max(s, axis=1)
         need = m > thr
-        if ONE_INSERT:
-            if tl.max(need.to(tl.int32), axis=0) > 0:
-                over = tl.sum((s > thr[:, None]).to(tl.int32), axis=1)
-                if tl.max(over, axis=0) <= 1:
-                    j = tl.min(tl.where(s == m[:, None], cols[None, :], 2147483647), axis=1)
-                    slot = (best_i == worst_i[:, None]) & need[:, None]
-                    best_v = tl.where(slot, m[:, None], best_v)
-                    best_i = tl.where(slot, j[:, None], best_i)
-                    thr = tl.min(best_v, axis=1)
-                    worst_i = tl.max(tl.where(best_v == thr[:, None], best_i, -2147483647), axis=1)
-                else:
-                    best_v, best_i, thr, worst_i = _insert_rounds(
-                        s, m, need, cols, best_v, best_i, thr, worst_i
-                    )
-        else:
-            best_v, best_i, thr, worst_i = _insert_rounds(s, m, need, cols, best_v, best_i, thr, worst_i)
+        if tl.max(need.to(tl.int32), axis=0) > 0:
+            above = s > thr[:, None]
+            if MERGE == 0:
+                packed = tl.sum(tl.where(above, 65536 + offs[None, :], 0), axis=1)
+                over = packed >> 16
+                j = packed & 65535
+            else:
+                over = tl.sum(above.to(tl.int32), axis=1)
+                j = tl.min(tl.where(s == m[:, None], offs[None, :], 2147483647), axis=1)
+            if tl.max(over, axis=0) <= 1:
+                best_v, best_i, thr, worst_i = _insert(best_v, best_i, thr, worst_i, m, base + j, need)
+            else:
+                j = tl.min(tl.where(s == m[:, None], offs[None, :], 2147483647), axis=1)
+                best_v, best_i, thr, worst_i = _insert_rounds(
+                    s, offs, base, m, j, best_v, best_i, thr, worst_i
+                )
         return best_v, best_i, thr, worst_i
 
     @triton.jit
@@ -200,7 +212,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr,
         IEEE: tl.constexpr,
-        ONE_INSERT: tl.constexpr,
+        MERGE: tl.constexpr,
         SCORE_ONLY: tl.constexpr,
     ):
         """Partial top-k of one (row block, key split, KV head): writes ``part_*[i, h, split, :TOPK]``."""
@@ -244,16 +256,16 @@ if triton is not None:
                 s = tl.dot(q, kt, input_precision="ieee")
             else:
                 s = tl.dot(q, kt)  # [BLOCK_M, BLOCK_N] fp32
-            cols = lo + t * BLOCK_N + offs_n
             if SCORE_ONLY:  # benchmark floor: scores and a row max, no top-k (results meaningless)
                 best_v = tl.maximum(best_v, tl.max(s, axis=1)[:, None])
             else:
-                best_v, best_i, thr, worst_i = _merge_tile(s, cols, best_v, best_i, thr, worst_i, ONE_INSERT)
+                best_v, best_i, thr, worst_i = _merge_tile(
+                    s, offs_n, lo + t * BLOCK_N, best_v, best_i, thr, worst_i, MERGE
+                )
             k_tile += BLOCK_N * stride_kn
         tail = lo + n_full * BLOCK_N
         if tail < hi:  # ragged last tile, masked
-            cols = tail + offs_n
-            col_ok = cols < hi
+            col_ok = tail + offs_n < hi
             kt = tl.load(k_tile, mask=col_ok[None, :], other=0.0)
             if UPCAST:
                 kt = kt.to(tl.float32)
@@ -262,7 +274,7 @@ if triton is not None:
             else:
                 s = tl.dot(q, kt)
             s = tl.where(col_ok[None, :], s, float("-inf"))
-            best_v, best_i, thr, worst_i = _merge_tile(s, cols, best_v, best_i, thr, worst_i, ONE_INSERT)
+            best_v, best_i, thr, worst_i = _merge_tile(s, offs_n, tail, best_v, best_i, thr, worst_i, MERGE)
 
         out_ok = row_ok[:, None] & (slots[None, :] < TOPK)
         p_off = tok[:, None] * stride_pc + head[:, None] * stride_ph + pid_s * stride_ps + slots[None, :]
@@ -321,7 +333,7 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
-def _default_config(n_rows: int, head_dim: int) -> dict:
+def _default_config(n_rows: int, head_dim: int, topk: int) -> dict:
     """Tile shapes by the rows one KV head serves (``g * c``): few in decode, many in prefill."""
     if INTERPRETED:  # every program costs ~2 ms there; small tiles keep the masked paths exercised
         return {
@@ -330,13 +342,16 @@ def _default_config(n_rows: int, head_dim: int) -> dict:
             "num_warps": 4,
             "num_stages": 1,
         }
-    # From the H100 sweep (kernels/NOTES.md): the top-k merge, not the dot, sets the time, and
-    # 4 warps beat 8 everywhere.
+    # From the H100 sweeps (kernels/NOTES.md): the top-k merge, not the dot, sets the time. A tile
+    # of 64 x 64 has a quarter of the rows x keys of 128 x 128 per "does any row need an update"
+    # test, so far fewer tiles take the merge path; at d = 128 with topk <= 4 updates are rare
+    # enough that 128 x 128 (the faster dot) wins. The packed one-pass merge (MERGE 0) wins in
+    # prefill; decode keeps v2's two-pass fast path (MERGE 1).
     if n_rows <= 16:  # decode: bandwidth-bound
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    if n_rows <= 64 or head_dim < 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 32 if head_dim < 128 else 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MERGE": 1}
+    if head_dim >= 128 and topk <= 4 and n_rows >= 128:
+        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "MERGE": 0}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MERGE": 0}
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -379,9 +394,10 @@ def score_topk(
         start, end: key rows ``[start, end)``; ``0 <= start <= end <= N``.
         topk: keys kept per (token, head), ``1 <= topk <= MAX_TOPK``.
         splits: key-range splits per row block (default: enough to fill the GPU).
-        config: overrides of ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``, ``ONE_INSERT``
-            (single-insertion fast path, default on) and ``SCORE_ONLY`` (benchmark floor: scores
-            only, wrong results); for benchmarks.
+        config: overrides of ``BLOCK_M``, ``BLOCK_N`` (<= 256), ``num_warps``, ``num_stages``,
+            ``MERGE`` (0: one packed pass finds the single entry above a row's threshold, the
+            default; 1: two passes) and ``SCORE_ONLY`` (benchmark floor: scores only, wrong
+            results); for benchmarks.
 
     Returns:
         ``(scores, index)``: ``[c, H, topk]`` fp32 and int64, as :func:`score_topk_ref`.
@@ -402,8 +418,11 @@ def score_topk(
 
     g = H // Hkv
     n_rows, n_keys = g * c, end - start
-    cfg = {**_default_config(n_rows, d), **(config or {})}
+    cfg = {**_default_config(n_rows, d, topk), **(config or {})}
+    unknown = set(cfg) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "MERGE", "SCORE_ONLY"}
+    assert not unknown, f"unknown config keys: {sorted(unknown)}"
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
+    assert block_n <= 256, f"BLOCK_N {block_n} > 256: the packed count/column sum would overflow"
     topk_pad = max(2, _next_pow2(topk))
     row_blocks = triton.cdiv(n_rows, block_m)
     if splits is None:
@@ -439,7 +458,7 @@ def score_topk(
         BLOCK_N=block_n,
         UPCAST=INTERPRETED,
         IEEE=q.dtype == torch.float32,
-        ONE_INSERT=cfg.get("ONE_INSERT", True),
+        MERGE=cfg.get("MERGE", 0),
         SCORE_ONLY=cfg.get("SCORE_ONLY", False),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],

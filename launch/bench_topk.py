@@ -3,11 +3,12 @@
 Measures, in one run: the dense bf16 matmul rate (8192^3, random) and the device copy bandwidth
 (bytes read + written), then for SmolLM2 (9/3 heads x 64) and Llama-8B (32/8 x 128) shapes and every
 N x c: the kernel (do_bench median), the torch reference (``score_topk_ref`` on the GPU) and SDPA over
-the same q and keys.
+the same q and keys. The kernel is timed at topk 4 (the engine's default, the headline table) and
+topk 16 (second table); the reference (whose cost hardly depends on topk) and SDPA once, at topk 4.
 
     python launch/bench_topk.py --out launch/results/bench_topk-H100-2026-11-24.md
     python launch/bench_topk.py --sweep        # tile/split variants at a few points, no table
-    python launch/bench_topk.py --variants     # fast path on/off and the scores-only floor
+    python launch/bench_topk.py --variants     # merge variants and the scores-only floor
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-from dist_reattn.kernels.score_topk import score_topk, score_topk_ref
 from triton.testing import do_bench
 
+from dist_reattn.kernels.score_topk import score_topk, score_topk_ref
+
 MODELS = {"SmolLM2": (9, 3, 64), "Llama-8B": (32, 8, 128)}
-TOPK = 16
+TOPKS = (4, 16)  # the first is the headline: the engine's default (DESIGN.md section 2)
 L2_ROTATE_BYTES = 256 << 20  # inputs smaller than this get several copies, cycled per call
 
 
@@ -84,6 +86,7 @@ def rotating(make, nbytes):
 
 
 def run_table(args, mm_tflops, copy_gbs):
+    """Rows ``(model, c, N, {topk: kernel ms}, ref ms, SDPA ms)``, printed as they come."""
     rows = []
     free, _ = torch.cuda.mem_get_info()
     for name, (H, Hkv, d) in MODELS.items():
@@ -101,10 +104,10 @@ def run_table(args, mm_tflops, copy_gbs):
                     return q, k
 
                 rot = rotating(make, N * Hkv * d * 2)
-                t_kern = bench(rot(lambda q, k, N=N: score_topk(q, k, 0, N, TOPK)))
+                t_kern = {tk: bench(rot(lambda q, k, N=N, tk=tk: score_topk(q, k, 0, N, tk))) for tk in TOPKS}
                 t_ref = None
                 if not args.no_ref:
-                    t_ref = bench(rot(lambda q, k, N=N: score_topk_ref(q, k, 0, N, TOPK)))
+                    t_ref = bench(rot(lambda q, k, N=N: score_topk_ref(q, k, 0, N, TOPKS[0])))
                 q, k = make()
                 v = torch.randn_like(k)
                 try:
@@ -114,12 +117,9 @@ def run_table(args, mm_tflops, copy_gbs):
                     t_sdpa = None
                 del q, k, v, rot
                 torch.cuda.empty_cache()
-                flops = 2 * c * N * H * d
-                tflops = flops / t_kern / 1e9
-                gbs = N * Hkv * d * 2 / t_kern / 1e6
-                rows.append((name, c, N, t_kern, tflops, gbs, t_ref, t_sdpa))
-                line = fmt_row(rows[-1], mm_tflops, copy_gbs)
-                print(line, flush=True)
+                rows.append((name, c, N, t_kern, t_ref, t_sdpa, H, Hkv, d))
+                for tk in TOPKS:
+                    print(f"topk {tk}: " + fmt_row(rows[-1], tk, mm_tflops, copy_gbs), flush=True)
     return rows
 
 
@@ -130,8 +130,11 @@ HEADER = (
 )
 
 
-def fmt_row(r, mm_tflops, copy_gbs):
-    name, c, N, t, tflops, gbs, t_ref, t_sdpa = r
+def fmt_row(r, topk, mm_tflops, copy_gbs):
+    name, c, N, t_kern, t_ref, t_sdpa, H, Hkv, d = r
+    t = t_kern[topk]
+    tflops = 2 * c * N * H * d / t / 1e9
+    gbs = N * Hkv * d * 2 / t / 1e6
     bw = f"{gbs:.0f} | {100 * gbs / copy_gbs:.0f}%" if c == 1 else "- | -"
     ref = f"{t_ref:.3f} | {t_ref / t:.1f}x" if t_ref else "- | -"
     sd = f"{t_sdpa:.3f} | {t / t_sdpa:.2f}" if t_sdpa else "- | -"
@@ -139,9 +142,9 @@ def fmt_row(r, mm_tflops, copy_gbs):
     return f"| {name} | {c} | {N // 1024}K | {t:.3f} | {tflops:.1f} | {pct:.0f}% | {bw} | {ref} | {sd} |"
 
 
-def time_kernel(q, k, N, splits, cfg):
+def time_kernel(q, k, N, topk, splits, cfg):
     return do_bench(
-        lambda: score_topk(q, k, 0, N, TOPK, splits=splits, config=cfg),
+        lambda: score_topk(q, k, 0, N, topk, splits=splits, config=cfg),
         warmup=10,
         rep=40,
         return_mode="median",
@@ -149,22 +152,29 @@ def time_kernel(q, k, N, splits, cfg):
 
 
 def variants():
-    """The default kernel vs its variants at a few points: rounds only (no single-insert fast path),
-    and the scores-only floor (dot + row max, no top-k)."""
-    points = [("Llama-8B", 2048, 256 << 10), ("SmolLM2", 2048, 256 << 10), ("Llama-8B", 512, 1 << 20),
-              ("Llama-8B", 1, 1 << 20), ("SmolLM2", 1, 1 << 20)]  # fmt: skip
+    """The default kernel vs its variants at a few points: the two-pass merge (MERGE 1) against the
+    packed one-pass merge (MERGE 0), v2's tiles (128 x 128, 4 warps) and the scores-only floor (dot +
+    row max, no top-k). Defaults are MERGE 0 in prefill and MERGE 1 in decode."""
+    points = [("Llama-8B", 2048, 256 << 10), ("SmolLM2", 2048, 256 << 10), ("Llama-8B", 1, 1 << 20),
+              ("Llama-8B", 1, 256 << 10), ("SmolLM2", 1, 256 << 10)]  # fmt: skip
     for name, c, N in points:
         H, Hkv, d = MODELS[name]
         q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16)
         k = torch.randn(N, Hkv, d, device="cuda", dtype=torch.bfloat16)
-        for label, cfg in [
-            ("default", None),
-            ("rounds only", {"ONE_INSERT": False}),
-            ("scores only", {"SCORE_ONLY": True}),
-        ]:
-            t = time_kernel(q, k, N, None, cfg)
-            tflops, gbs = 2 * c * N * H * d / t / 1e9, N * Hkv * d * 2 / t / 1e6
-            print(f"{name} c={c} N={N} {label}: {t:.3f} ms {tflops:.0f} TFLOP/s {gbs:.0f} GB/s", flush=True)
+        if c == 1:
+            labels = [("default", None), ("MERGE 0", {"MERGE": 0}), ("MERGE 1", {"MERGE": 1})]
+        else:
+            v2 = {"BLOCK_M": 128, "BLOCK_N": 128 if d >= 128 else 32, "num_warps": 4, "num_stages": 2}
+            labels = [("default", None), ("MERGE 1", {"MERGE": 1}), ("v2 tiles", v2),
+                      ("scores only", {"SCORE_ONLY": True})]  # fmt: skip
+        for topk in TOPKS:
+            for label, cfg in labels:
+                t = time_kernel(q, k, N, topk, None, cfg)
+                tflops, gbs = 2 * c * N * H * d / t / 1e9, N * Hkv * d * 2 / t / 1e6
+                print(
+                    f"{name} c={c} N={N} topk={topk} {label}: {t:.3f} ms {tflops:.0f} TFLOP/s {gbs:.0f} GB/s",
+                    flush=True,
+                )
         del q, k
         torch.cuda.empty_cache()
 
@@ -183,16 +193,17 @@ def sweep():
         else:
             cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm in (64, 128)
                     for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]  # fmt: skip
-        for cfg in cfgs:
-            for sp in (None, 1, 4):
-                tag = f"{name} c={c} N={N} {cfg} splits={sp}"
-                try:
-                    t = time_kernel(q, k, N, sp, cfg)
-                except Exception as e:  # out of resources for this config
-                    print(f"{tag}: {type(e).__name__}")
-                    continue
-                tflops, gbs = 2 * c * N * H * d / t / 1e9, N * Hkv * d * 2 / t / 1e6
-                print(f"{tag}: {t:.3f} ms {tflops:.0f} TFLOP/s {gbs:.0f} GB/s", flush=True)
+        for topk in TOPKS:
+            for cfg in cfgs:
+                for sp in (None, 1, 4):
+                    tag = f"{name} c={c} N={N} topk={topk} {cfg} splits={sp}"
+                    try:
+                        t = time_kernel(q, k, N, topk, sp, cfg)
+                    except Exception as e:  # out of resources for this config
+                        print(f"{tag}: {type(e).__name__}")
+                        continue
+                    tflops, gbs = 2 * c * N * H * d / t / 1e9, N * Hkv * d * 2 / t / 1e6
+                    print(f"{tag}: {t:.3f} ms {tflops:.0f} TFLOP/s {gbs:.0f} GB/s", flush=True)
         del q, k
         torch.cuda.empty_cache()
 
@@ -213,9 +224,7 @@ def main():
     dev = torch.cuda.get_device_name()
     mm_tflops, copy_gbs = ceilings()
     print(f"{dev}: dense bf16 matmul {mm_tflops:.0f} TFLOP/s, d2d copy {copy_gbs:.0f} GB/s", flush=True)
-    print(HEADER)
     rows = run_table(args, mm_tflops, copy_gbs)
-    table = "\n".join([HEADER] + [fmt_row(r, mm_tflops, copy_gbs) for r in rows])
     head = (
         f"# score_topk benchmark, {dev}\n\n"
         f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
@@ -223,13 +232,19 @@ def main():
         f"- command: `{' '.join([sys.executable.split('/')[-1]] + sys.argv)}`\n"
         f"- ceilings measured in this run: dense bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s; "
         f"d2d copy {copy_gbs:.0f} GB/s (read + write)\n"
-        f"- topk {TOPK}, bf16 inputs, keys [0, N); TFLOP/s counts 2*c*N*H*d; GB/s counts reading K once "
-        f"(N*Hkv*d*2 bytes); vs ref = ref time / kernel time; kernel/SDPA = kernel time / SDPA time\n\n"
+        f"- bf16 inputs, keys [0, N); TFLOP/s counts 2*c*N*H*d; GB/s counts reading K once "
+        f"(N*Hkv*d*2 bytes); vs ref = ref time (score_topk_ref on the GPU, topk {TOPKS[0]}) / kernel time; "
+        f"kernel/SDPA = kernel time / SDPA time (SDPA over the same q and keys)\n"
     )
-    print(table)
+    tables = []
+    for tk in TOPKS:
+        title = f"## topk {tk}" + (" (the engine's default)" if tk == TOPKS[0] else "")
+        tables.append("\n".join([title, "", HEADER] + [fmt_row(r, tk, mm_tflops, copy_gbs) for r in rows]))
+    text = head + "\n" + "\n\n".join(tables) + "\n"
+    print(text)
     if args.out:
         with open(args.out, "w") as f:
-            f.write(head + table + "\n")
+            f.write(text)
 
 
 if __name__ == "__main__":

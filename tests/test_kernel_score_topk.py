@@ -108,12 +108,14 @@ INTERP_CASES = [
 
 
 @needs_interpreter
+@pytest.mark.parametrize("merge", [0, 1])
 @pytest.mark.parametrize("ties", [True, False])
 @pytest.mark.parametrize("case", INTERP_CASES)
-def test_kernel_interpreter_matches_ref(case, ties):
+def test_kernel_interpreter_matches_ref(case, ties, merge):
+    # Integer ties put several entries above a row's threshold in one tile: the rounds path runs.
     c, H, Hkv, d, N, start, end, topk, splits = case
     q, k = make(c, H, Hkv, d, N, torch.float16, ties, seed=sum(case[:-1]))
-    v, i = score_topk(q, k, start, end, topk, splits=splits)
+    v, i = score_topk(q, k, start, end, topk, splits=splits, config={"MERGE": merge})
     rv, ri = score_topk_ref(q, k, start, end, topk)
     _assert_same(v, i, rv, ri, exact=ties)
 
@@ -144,6 +146,8 @@ def test_launcher_rejects_bad_inputs():
         score_topk(q, k, 0, 51, 4)  # end > N
     with pytest.raises(AssertionError):
         score_topk(q, k, 0, 50, kmod.MAX_TOPK + 1)
+    with pytest.raises(AssertionError):
+        score_topk(q, k, 0, 50, 4, config={"ONE_INSERT": True})  # v2's key, gone in v3
 
 
 def _check_gpu(q, k, start, end, topk):
