@@ -49,23 +49,31 @@ class Comm:
         rank, world: this rank and the group size.
     """
 
-    def __init__(self, group=None, *, rank: int = 0, world: int = 1):
+    def __init__(self, group=None, *, rank: int = 0, world: int = 1, timeout_s: float | None = None):
         if world > 1 and group is None:
             raise ValueError("a Comm of several ranks needs its process group")
-        self.group, self.rank, self.world = group, rank, world
+        self.group, self.rank, self.world, self.timeout_s = group, rank, world, timeout_s
         self.stats = CollectiveStats()
+        self.calls = 0  # collectives entered, for error messages
 
     @classmethod
     def single(cls) -> Comm:
         return cls(None, rank=0, world=1)
 
     @classmethod
-    def of_group(cls, group) -> Comm:
-        return cls(group, rank=dist.get_rank(group), world=dist.get_world_size(group))
+    def of_group(cls, group, timeout_s: float | None = None) -> Comm:
+        return cls(group, rank=dist.get_rank(group), world=dist.get_world_size(group), timeout_s=timeout_s)
 
     def _timed(self, kind: str, nbytes: int, fn):
+        self.calls += 1
         t0 = time.perf_counter()
-        out = fn()
+        try:
+            out = fn()
+        except RuntimeError as e:
+            raise RuntimeError(
+                f"rank {self.rank}/{self.world}: collective #{self.calls} ({kind}) failed after "
+                f"{time.perf_counter() - t0:.1f} s (timeout {self.timeout_s} s): another rank died or hangs: {e}"
+            ) from e
         self.stats.add(kind, nbytes, time.perf_counter() - t0)
         return out
 
@@ -155,7 +163,7 @@ def init_from_env(timeout_s: float = 600.0, backend: str = "auto") -> Comm:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return Comm.of_group(dist.group.WORLD)
+    return Comm.of_group(dist.group.WORLD, timeout_s)
 
 
 def shutdown(comm: Comm) -> None:

@@ -151,6 +151,14 @@ def time_kernel(q, k, N, topk, splits, cfg):
     )
 
 
+def random_qk(name: str, c: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random bf16 queries ``[c, H, d]`` and keys ``[N, Hkv, d]`` of a model's shapes, on the GPU."""
+    H, Hkv, d = MODELS[name]
+    q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(N, Hkv, d, device="cuda", dtype=torch.bfloat16)
+    return q, k
+
+
 def variants():
     """The default kernel vs its variants at a few points: the two-pass merge (MERGE 1) against the
     packed one-pass merge (MERGE 0), v2's tiles (128 x 128, 4 warps) and the scores-only floor (dot +
@@ -159,8 +167,7 @@ def variants():
               ("Llama-8B", 1, 256 << 10), ("SmolLM2", 1, 256 << 10)]  # fmt: skip
     for name, c, N in points:
         H, Hkv, d = MODELS[name]
-        q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(N, Hkv, d, device="cuda", dtype=torch.bfloat16)
+        q, k = random_qk(name, c, N)
         if c == 1:
             labels = [("default", None), ("MERGE 0", {"MERGE": 0}), ("MERGE 1", {"MERGE": 1})]
         else:
@@ -185,8 +192,7 @@ def sweep():
               ("SmolLM2", 1, 1 << 20), ("Llama-8B", 512, 256 << 10)]  # fmt: skip
     for name, c, N in points:
         H, Hkv, d = MODELS[name]
-        q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(N, Hkv, d, device="cuda", dtype=torch.bfloat16)
+        q, k = random_qk(name, c, N)
         if c == 1:
             cfgs = [dict(BLOCK_M=16, BLOCK_N=bn, num_warps=w, num_stages=s) for bn in (64, 128, 256)
                     for w in (4, 8) for s in (3, 4)]  # fmt: skip

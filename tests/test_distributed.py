@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -99,3 +100,31 @@ def test_ranks_match_single_process(world, reference, tmp_path):
         stats = results[0]["stats"]
         assert stats["topk_candidates"]["calls"] > 0 and stats["scope_kv"]["bytes"] > 0
         assert ("qkv_heads" in stats) == (world in (2, 3))
+
+
+def _hung_worker(rank: int, world: int, port: int, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    comm = init_from_env(timeout_s=3, backend="gloo")
+    if rank == 1:
+        time.sleep(60)  # a hung rank: never enters the collective
+    t0 = time.perf_counter()
+    try:
+        comm.all_gather(torch.ones(2), "probe")
+    except RuntimeError as e:
+        with open(f"{path}.rank{rank}", "w") as f:
+            f.write(f"{time.perf_counter() - t0:.1f} {e}")
+        os._exit(3)
+
+
+def test_a_hung_rank_fails_the_job_within_the_timeout(tmp_path):
+    path = str(tmp_path / "err")
+    t0 = time.perf_counter()
+    with pytest.raises(mp.ProcessExitedException):
+        mp.spawn(_hung_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    assert time.perf_counter() - t0 < 40  # not the hung rank's 60 s: the timeout (3 s) ended the job
+    waited, message = open(f"{path}.rank0").read().split(" ", 1)
+    assert 2.5 < float(waited) < 20
+    assert (
+        message.startswith("rank 0/2: collective #1 (probe) failed")
+        and "another rank died or hangs" in message
+    )
