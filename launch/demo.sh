@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 . .venv/bin/activate
-python launch/niah.py --model smollm2-135m --len 16K --depths 0.5 --mode full,reattention --out runs/demo "$@"
+python launch/niah.py --model smollm2-135m --len 16K --depths 0.3 --mode full,reattention --out runs/demo "$@"
