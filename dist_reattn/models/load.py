@@ -139,4 +139,9 @@ def load_model(src: ModelSource, dtype: torch.dtype, device: torch.device):
     hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(src.directory, dtype=dtype, **src.kwargs())
     check_arch(model.config.model_type)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if src.gguf_file and quantizer is not None and all(p.dtype.is_floating_point for p in model.parameters()):
+        # transformers de-quantizes GGUF weights at load but keeps the model marked as quantized,
+        # which makes .float()/.half() refuse; DeepSpeed AutoTP calls them. The weights are plain.
+        quantizer.remove_quantization_config(model)
     return model.to(device).eval()
