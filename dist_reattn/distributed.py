@@ -167,5 +167,5 @@ def init_from_env(timeout_s: float = 600.0, backend: str = "auto") -> Comm:
 
 
 def shutdown(comm: Comm) -> None:
-    if comm.world > 1 or dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()

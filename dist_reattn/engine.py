@@ -142,12 +142,9 @@ class Engine:
             lo, hi = self.cache.local_rows(cfg.sink, n - cfg.local)
             scores, rows = local_topk(q, self.cache.k[layer], lo, hi, cfg.topk)
             index = self.cache.to_global(rows)
-            scope = select_from_candidates(
-                self.comm.all_gather(scores, "topk_candidates"),
-                self.comm.all_gather(index, "topk_candidates"),
-                n,
-                cfg,
-            )
+            # One collective for both halves: fp32 scores and indices (< 2**53) are exact in fp64.
+            both = self.comm.all_gather(torch.stack([scores.double(), index.double()]), "topk_candidates")
+            scope = select_from_candidates(both[:, 0].float(), both[:, 1].long(), n, cfg)
         if self.check_consensus:
             self.comm.check_same(
                 [scope.numel(), int(scope.sum()), int((scope * scope).sum())],
