@@ -57,3 +57,44 @@ def scope_attention(
         q[None], k[None], v[None], attn_mask=mask, scale=scaling, enable_gqa=k.shape[0] != H
     )  # [1, H, c, d]
     return out[0].transpose(0, 1)
+
+
+def partial_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_cos: torch.Tensor,
+    q_sin: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query token's attention over a subset of the scope, with its log-sum-exp, in fp32.
+
+    Decode's sequence-parallel form: each rank attends over the scope tokens it owns and the
+    partial results are merged by :func:`merge_partials`; the query comes last in the scope, so every
+    key is visible and no mask is needed.
+
+    Args:
+        q: ``[H, d]`` un-rotated query of one token.
+        k, v: ``[Hkv, m_r, d]`` un-rotated keys and values of this rank's scope tokens (``m_r`` may be 0).
+        cos, sin: ``[m_r, d]`` rotary tables at those tokens' scope positions.
+        q_cos, q_sin: ``[d]`` rotary tables at the query's scope position.
+
+    Returns:
+        ``(out [H, d], lse [H])`` fp32; a rank with no tokens gives zeros and ``-inf``.
+    """
+    H, d = q.shape
+    Hkv = k.shape[0]
+    q = apply_rope(q, q_cos, q_sin).float().view(Hkv, H // Hkv, d)
+    k = apply_rope(k, cos, sin).float()
+    s = torch.einsum("hgd,hmd->hgm", q, k) * scaling  # [Hkv, g, m_r]
+    lse = torch.logsumexp(s, dim=-1)  # [Hkv, g]
+    out = torch.einsum("hgm,hmd->hgd", torch.exp(s - lse[..., None]).nan_to_num_(0.0), v.float())
+    return out.reshape(H, d), lse.reshape(H)
+
+
+def merge_partials(out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Exact softmax attention from per-rank partials: ``out [P, H, d]``, ``lse [P, H]`` -> ``[H, d]``."""
+    w = torch.softmax(lse, dim=0)  # [P, H]; a rank with -inf (no tokens) weighs 0
+    return (w[..., None] * out).sum(0)

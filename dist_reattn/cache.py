@@ -161,7 +161,8 @@ def plan_memory(
     KV per rank is ``ceil(tokens / P)`` (whole pages) x layers x Hkv x d x 2 x dtype bytes. The
     activation term bounds the transient tensors of one step: the blocked score tiles, the
     gathered scope K/V with their rotated copies, the causal mask, the attention scores of the
-    math SDPA path, and the MLP intermediates.
+    math SDPA path, and the MLP intermediates. Weights count whole even under tensor parallelism:
+    every rank loads the whole model before AutoTP shards it, so that is the rank's peak.
     """
     b = DTYPE_BYTES[dtype]
     rows = local_capacity(tokens, world, page, 0)

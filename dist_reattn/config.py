@@ -86,6 +86,9 @@ class ParallelConfig:
     tensor_parallel: bool = True
     """With several ranks, split projections, heads and MLPs over them (DeepSpeed AutoTP); off:
     every rank computes the whole model and only the KV cache and the scoring are sharded."""
+    decode: str = "lse"
+    """How decode attends with several ranks: ``lse`` (each rank attends over the scope tokens it
+    owns; partial outputs merged by log-sum-exp) or ``gather`` (scope K/V assembled on every rank)."""
 
 
 @dataclass
@@ -115,6 +118,8 @@ class Config:
             raise ConfigError(f"dist.backend={self.dist.backend!r}: use auto, nccl or gloo")
         if self.dist.timeout_s <= 0:
             raise ConfigError(f"dist.timeout_s={self.dist.timeout_s} must be > 0")
+        if self.parallel.decode not in ("lse", "gather"):
+            raise ConfigError(f"parallel.decode={self.parallel.decode!r}: use lse or gather")
         if self.model.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"model.device={self.model.device!r}: use auto, cpu or cuda")
 

@@ -6,6 +6,7 @@ it down. A single process (no torchrun) is ``Comm.single()``: world size 1, coll
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections import defaultdict
@@ -55,6 +56,7 @@ class Comm:
         self.group, self.rank, self.world, self.timeout_s = group, rank, world, timeout_s
         self.stats = CollectiveStats()
         self.calls = 0  # collectives entered, for error messages
+        self.profile = None  # a dist_reattn.profile.Profile; collectives are then timed as its phases
 
     @classmethod
     def single(cls) -> Comm:
@@ -68,7 +70,8 @@ class Comm:
         self.calls += 1
         t0 = time.perf_counter()
         try:
-            out = fn()
+            with self.profile.phase(f"comm:{kind}") if self.profile else contextlib.nullcontext():
+                out = fn()
         except RuntimeError as e:
             raise RuntimeError(
                 f"rank {self.rank}/{self.world}: collective #{self.calls} ({kind}) failed after "
@@ -105,6 +108,13 @@ class Comm:
         return self._timed(
             kind, 0, lambda: dist.broadcast_object_list(box, src=0, group=self.group) or box[0]
         )
+
+    def all_gather_object(self, obj, kind: str = "all_gather_object") -> list:
+        """Every rank's ``obj`` (any picklable value), in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        return self._timed(kind, 0, lambda: dist.all_gather_object(out, obj, group=self.group) or out)
 
     def check_same(self, values: list[int], what: str) -> None:
         """Fails loudly, naming the ranks, unless every rank passed the same ``values``."""

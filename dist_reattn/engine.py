@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import scope_attention
+from .attention import merge_partials, partial_attention, scope_attention
 from .cache import KVCache
 from .config import ScopeConfig
 from .distributed import Comm
 from .models.adapter import ReAttnModel
+from .profile import Profile
 from .select import local_topk, select_from_candidates
 
 
@@ -28,6 +29,8 @@ class Generation:
     prompt_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    profile: dict
+    """Per-stage, per-phase seconds and counters (:meth:`Profile.as_dict`)."""
 
     @property
     def prefill_tok_s(self) -> float:
@@ -44,27 +47,30 @@ class Step:
         """Appends the chunk's K/V, chooses the scope, attends.
 
         Args:
-            q: ``[H, c, d]``; k, v: ``[Hkv, c, d]``; all un-rotated.
+            q: ``[H, c, d]``; k, v: ``[Hkv, c, d]``; all un-rotated (this rank's heads).
 
         Returns:
-            ``[c, H, d]``.
+            ``[c, H, d]`` for this rank's heads.
         """
-        e = self.engine
+        e, prof = self.engine, self.engine.profile
         n = self.n0 + self.c
+        scaling = scaling or q.shape[-1] ** -0.5
+        prof.count("layer_steps")
         q_all, k_all, v_all = e.all_heads(q, k, v)
-        e.cache.append(layer, self.n0, k_all.transpose(0, 1), v_all.transpose(0, 1))
+        with prof.phase("append"):
+            e.cache.append(layer, self.n0, k_all.transpose(0, 1), v_all.transpose(0, 1))
         scope = e.scope_for(layer, q_all.transpose(0, 1), n)
+        if self.c == 1 and e.comm.world > 1 and e.decode == "lse":
+            return e.attend_partials(layer, q_all[:, 0], scope, n, scaling)
         if scope is None and e.comm.world == 1:
             # Everything in the cache at original positions 0..n-1; with one rank local rows are global.
             keys, values = e.cache.k[layer, :n], e.cache.v[layer, :n]
         else:
             keys, values = e.gather(layer, torch.arange(n, device=q.device) if scope is None else scope)
-        keys, values = keys[:, e.kv_heads], values[:, e.kv_heads]  # this rank's KV heads
-        m = keys.shape[0]
-        cos, sin = e.rope_table(m)
-        return scope_attention(
-            q, keys.transpose(0, 1), values.transpose(0, 1), cos, sin, scaling or q.shape[-1] ** -0.5
-        )
+        with prof.phase("attention"):
+            keys, values = keys[:, e.kv_heads], values[:, e.kv_heads]  # this rank's KV heads
+            cos, sin = e.rope_table(keys.shape[0])
+            return scope_attention(q, keys.transpose(0, 1), values.transpose(0, 1), cos, sin, scaling)
 
 
 class Engine:
@@ -78,6 +84,9 @@ class Engine:
         page: cache page size in tokens.
         record_selection: keep every step's scope per layer in ``self.selections``.
         check_consensus: compare a checksum of every step's scope across ranks; raise on disagreement.
+        decode: with several ranks, how a decode step attends: ``lse`` (each rank attends over the
+            scope tokens it owns, partial outputs merged by log-sum-exp: moves ``[H, d + 1]`` per rank
+            and layer) or ``gather`` (the scope K/V is assembled on every rank, as in prefill).
     """
 
     def __init__(
@@ -89,6 +98,7 @@ class Engine:
         page: int = 256,
         record_selection: bool = False,
         check_consensus: bool = False,
+        decode: str = "lse",
     ):
         scope.validate()
         self.model, self.scope, self.capacity = model, scope, capacity
@@ -105,10 +115,18 @@ class Engine:
             self.comm.world,
             page,
         )
-        self.kv_heads = slice(None)  # the KV heads this rank attends with: all, or its tensor-parallel share
+        # The heads this rank attends with: all, or its tensor-parallel share.
+        self.q_heads = self.kv_heads = slice(None)
         if model.tensor_parallel:
-            kv0 = sum(hkv for _, hkv in model.layout[: self.comm.rank])
-            self.kv_heads = slice(kv0, kv0 + model.layout[self.comm.rank][1])
+            before = model.layout[: self.comm.rank]
+            hq, hkv = model.layout[self.comm.rank]
+            q0, kv0 = sum(h for h, _ in before), sum(h for _, h in before)
+            self.q_heads, self.kv_heads = slice(q0, q0 + hq), slice(kv0, kv0 + hkv)
+        if decode not in ("lse", "gather"):
+            raise ValueError(f"decode={decode!r}: use lse or gather")
+        self.decode = decode
+        self.profile = Profile(model.device)
+        self.comm.profile = self.profile
         self.n = 0
         self.record_selection, self.check_consensus = record_selection, check_consensus
         self.selections: list[tuple[int, int, torch.Tensor]] = []  # (layer, n incl. chunk, scope)
@@ -118,6 +136,7 @@ class Engine:
         """Forgets the current sequence (the cache memory is kept)."""
         self.n = 0
         self.selections.clear()
+        self.profile.reset()
 
     def rope_table(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin ``[m, d]`` for positions ``0..m-1``, computed once and grown by doubling."""
@@ -139,12 +158,14 @@ class Engine:
         if cfg.mode == "streaming" or cfg.topk == 0:
             scope = torch.cat([torch.arange(cfg.sink), torch.arange(n - cfg.local, n)]).to(q.device)
         else:
-            lo, hi = self.cache.local_rows(cfg.sink, n - cfg.local)
-            scores, rows = local_topk(q, self.cache.k[layer], lo, hi, cfg.topk)
-            index = self.cache.to_global(rows)
+            with self.profile.phase("scoring"):
+                lo, hi = self.cache.local_rows(cfg.sink, n - cfg.local)
+                scores, rows = local_topk(q, self.cache.k[layer], lo, hi, cfg.topk)
+                index = self.cache.to_global(rows)
             # One collective for both halves: fp32 scores and indices (< 2**53) are exact in fp64.
             both = self.comm.all_gather(torch.stack([scores.double(), index.double()]), "topk_candidates")
-            scope = select_from_candidates(both[:, 0].float(), both[:, 1].long(), n, cfg)
+            with self.profile.phase("selection"):
+                scope = select_from_candidates(both[:, 0].float(), both[:, 1].long(), n, cfg)
         if self.check_consensus:
             self.comm.check_same(
                 [scope.numel(), int(scope.sum()), int((scope * scope).sum())],
@@ -180,25 +201,69 @@ class Engine:
         row has exactly one owner, the others add zeros, so the sum is exact in any dtype).
         """
         cache = self.cache
-        if self.comm.world == 1:
-            rows = cache.to_local(scope)
-            return cache.k[layer, rows], cache.v[layer, rows]
-        mine = cache.owned_mask(scope)
-        rows = cache.to_local(scope[mine])
-        kv = cache.k.new_zeros((2, scope.numel(), *cache.k.shape[2:]))  # [2, m, Hkv, d]
-        kv[0, mine] = cache.k[layer, rows]
-        kv[1, mine] = cache.v[layer, rows]
+        with self.profile.phase("kv_fetch"):
+            if self.comm.world == 1:
+                rows = cache.to_local(scope)
+                return cache.k[layer, rows], cache.v[layer, rows]
+            mine = cache.owned_mask(scope)
+            rows = cache.to_local(scope[mine])
+            kv = cache.k.new_zeros((2, scope.numel(), *cache.k.shape[2:]))  # [2, m, Hkv, d]
+            kv[0, mine] = cache.k[layer, rows]
+            kv[1, mine] = cache.v[layer, rows]
         kv = self.comm.all_reduce(kv, "scope_kv")
         return kv[0], kv[1]
 
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Feeds ``ids [c]`` at the end of the sequence; returns the last token's logits."""
+    def attend_partials(
+        self, layer: int, q: torch.Tensor, scope: torch.Tensor | None, n: int, scaling: float
+    ) -> torch.Tensor:
+        """Decode attention split by token owner: each rank attends over its scope tokens, merged by LSE.
+
+        Args:
+            q: ``[H, d]`` un-rotated query of all heads (one token).
+            scope: global scope indices ``[m]``, or None for all ``n`` tokens.
+
+        Returns:
+            ``[1, h, d]`` for this rank's query heads, in the model dtype.
+        """
+        cache = self.cache
+        with self.profile.phase("attention"):
+            if scope is None:
+                scope = torch.arange(n, device=q.device)
+            m = scope.numel()
+            mine = cache.owned_mask(scope)
+            positions = mine.nonzero()[:, 0]  # scope positions of this rank's tokens
+            rows = cache.to_local(scope[mine])
+            cos, sin = self.rope_table(m)
+            out, lse = partial_attention(
+                q,
+                cache.k[layer, rows].transpose(0, 1),
+                cache.v[layer, rows].transpose(0, 1),
+                cos[positions],
+                sin[positions],
+                cos[m - 1],
+                sin[m - 1],
+                scaling,
+            )
+            packed = torch.cat([out, lse[:, None]], dim=1)  # [H, d + 1] fp32
+        every = self.comm.all_gather(packed, "decode_partials")  # [P, H, d + 1]
+        with self.profile.phase("attention"):
+            merged = merge_partials(every[..., :-1], every[..., -1])  # [H, d]
+            return merged[self.q_heads][None].to(q.dtype)
+
+    def step(self, ids: torch.Tensor, stage: str = "prefill") -> torch.Tensor:
+        """Feeds ``ids [c]`` at the end of the sequence; returns the last token's logits.
+
+        Args:
+            stage: the profile stage this step's time counts under (``prefill`` or ``decode``).
+        """
         c = ids.shape[0]
         if self.n + c > self.capacity:
             raise RuntimeError(
                 f"sequence of {self.n + c} tokens exceeds the engine's capacity {self.capacity}"
             )
+        self.profile.begin(stage)
         logits = self.model.forward(ids, Step(self, self.n, c))
+        self.profile.end(c)
         self.n += c
         return logits
 
@@ -236,6 +301,6 @@ class Engine:
             out.append(token)
             if token in self.model.eos_ids or len(out) == max_new_tokens:
                 break
-            logits = self.step(torch.tensor([token]))
+            logits = self.step(torch.tensor([token]), stage="decode")
         sync()
-        return Generation(out, ids.shape[0], t1 - t0, time.perf_counter() - t1)
+        return Generation(out, ids.shape[0], t1 - t0, time.perf_counter() - t1, self.profile.as_dict())

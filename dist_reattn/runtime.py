@@ -80,4 +80,5 @@ def build_engine(cfg: Config, prep: Prepared, capacity: int, comm: Comm):
         page=cfg.cache.page,
         record_selection=cfg.debug.record_selection,
         check_consensus=cfg.debug.check_consensus,
+        decode=cfg.parallel.decode,
     )

@@ -4,7 +4,8 @@
     torchrun --nproc_per_node 2 launch/niah.py --model smollm2-135m --len 16K --depths 0.1,0.5,0.9 --mode reattention
 
 Writes ``OUT/results.jsonl`` (one line per trial, appended as it finishes; a re-run with the same
-``--out`` skips trials already recorded), ``OUT/heatmap.png`` and prints a per-mode table.
+``--out`` skips trials already recorded), ``OUT/heatmap.png``, ``OUT/profile.json`` (per-phase time of
+every trial on every rank) and prints a per-mode table.
 Any config field can be overridden: ``--scope.topk=8``, ``--model.dtype=bf16``.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from dist_reattn.config import MODES, ConfigError, format_count, load_config, parse_count, preset_path
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.models.load import load_tokenizer
+from dist_reattn.report.measure import TrialMeter, profile_line
 from dist_reattn.report.niah_plots import plot_heatmap, summary_table
 from dist_reattn.report.results import append_record, read_records
 from dist_reattn.runtime import build_engine, prepare
@@ -86,6 +89,24 @@ def trial_key(r: dict) -> tuple:
     return (r["mode"], r["target_len"], round(r["depth"], 6), r["trial"], r["seed"])
 
 
+def write_profiles(out: Path) -> None:
+    """``OUT/profile.json``: every recorded trial's per-phase profile, per rank, keyed like the results."""
+    profiles = [
+        {
+            "key": dict(zip(("mode", "target_len", "depth", "trial", "seed"), trial_key(r), strict=True)),
+            "world": r.get("world"),
+            "prefill_tok_s": r.get("prefill_tok_s"),
+            "decode_ms_per_token": r.get("decode_ms_per_token"),
+            "ranks": r.get("ranks"),
+        }
+        for r in read_records(out / "results.jsonl")
+        if "ranks" in r
+    ]
+    tmp = out / "profile.json.tmp"
+    tmp.write_text(json.dumps(profiles, indent=1))
+    tmp.replace(out / "profile.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -142,6 +163,7 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
     results = out / "results.jsonl"
 
     engine = build_engine(cfg, prep, capacity, comm)
+    meter = TrialMeter(engine)
     scope_fields = ("sink", "local", "topk", "span", "recall_clip", "chunk")
     bar = tqdm(
         total=sum(n for n, *_ in todo), unit="tok", unit_scale=True, disable=comm.rank != 0, smoothing=0.1
@@ -155,10 +177,11 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
             )
         engine.scope.mode = mode
         bar.set_description(f"{mode} {format_count(n)} depth {depth}")
-        comm.stats.reset()
+        meter.start()
         t0 = time.perf_counter()
         gen = engine.generate(sample.input_ids, args.max_new_tokens, on_chunk=bar.update)
         seconds = time.perf_counter() - t0
+        measured = meter.finish(gen)
         answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         record = {
             "mode": mode,
@@ -180,15 +203,20 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
             "device": str(prep.device),
             "dtype": str(prep.dtype).replace("torch.", ""),
             "world": comm.world,
-            "kv_bytes_per_rank": engine.cache.nbytes(),
-            "collectives": comm.stats.as_dict(),
+            "tensor_parallel": engine.model.tensor_parallel,
+            "decode": cfg.parallel.decode,
+            "memory_plan": dataclasses.asdict(prep.plan),
+            **measured,
         }
         if comm.rank == 0:
             append_record(results, record)
+            write_profiles(out)
         bar.update(n - sample.length)  # the bar counts requested lengths; prompts may be a few tokens short
         bar.write(
             f"{mode:12s} len {sample.length:>8d} depth {depth:.2f}: {'OK ' if record['correct'] else 'MISS'} "
-            f"{answer.strip()[:40]!r} (needle {sample.needle}, {seconds:.1f} s)"
+            f"{answer.strip()[:40]!r} (needle {sample.needle}, {seconds:.1f} s, "
+            f"{gen.prefill_tok_s:.0f} tok/s prefill, {measured['decode_ms_per_token']:.1f} ms/token decode)\n"
+            f"    {profile_line(gen.profile)}"
         )
     bar.close()
     if comm.rank == 0:

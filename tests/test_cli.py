@@ -80,6 +80,15 @@ def test_short_run_writes_results_and_resumes(tmp_path):
         assert x["target_len"] == 600 and 592 <= x["len"] <= 600 and x["depth"] == 0.5
         assert isinstance(x["correct"], bool) and x["local"] == 256 and x["chunk"] == 128 and x["seconds"] > 0
     assert (tmp_path / "run" / "heatmap.png").stat().st_size > 1000
+    prof = records[1]["profile"]["prefill"]  # reattention: 600 tokens > sink + local, retrieval runs
+    assert {"scoring", "selection", "attention", "model"} <= set(prof["seconds"]) and prof[
+        "tokens"
+    ] == records[1]["len"]
+    assert 0.5 * records[1]["prefill_seconds"] < prof["total_s"] <= 1.01 * records[1]["prefill_seconds"]
+    assert records[1]["telemetry"] == {"gpu": None, "note": "no GPU telemetry: CPU run"}
+    assert [r["rank"] for r in records[1]["ranks"]] == [0] and records[1]["peak_memory_bytes"] > 0
+    profiles = json.loads((tmp_path / "run" / "profile.json").read_text())
+    assert [p["key"]["mode"] for p in profiles] == ["full", "reattention"]
     assert "full" in r.stdout and "reattention" in r.stdout
     r = niah(*args, tmp_path=tmp_path)  # everything recorded: nothing re-run, nothing duplicated
     assert r.returncode == 0 and "2 trials already recorded" in r.stderr
@@ -116,3 +125,5 @@ def test_two_ranks_give_the_same_answers_as_one(tmp_path):
         # 1516 tokens in 64-token pages: 24 pages, 12 per rank.
         assert b["kv_bytes_per_rank"] * 2 == a["kv_bytes_per_rank"]
     assert r2[0]["collectives"]["topk_candidates"]["calls"] > 0
+    assert r2[0]["collectives"]["decode_partials"]["calls"] > 0 and "scope_kv" in r2[0]["collectives"]
+    assert [r["rank"] for r in r2[0]["ranks"]] == [0, 1]

@@ -28,8 +28,18 @@ SCOPES = {
 }
 
 
+def greedy(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, list[int], list]:
+    """Prefill, then NEW greedy decode steps: (logits of every step ``[NEW + 1, vocab]``, tokens, scopes)."""
+    engine.reset()
+    logits, tokens = [engine.prefill(ids)], []
+    for _ in range(NEW):
+        tokens.append(int(logits[-1].argmax()))
+        logits.append(engine.step(torch.tensor([tokens[-1]]), stage="decode"))
+    return torch.stack(logits), tokens, list(engine.selections)
+
+
 def run_all(comm: Comm) -> dict:
-    """Prefill logits, greedy tokens and every step's scope, per (arch, mode)."""
+    """Logits, greedy tokens and every step's scope, per (arch, mode, decode attention)."""
     ids = torch.randint(0, 120, (N,), generator=torch.Generator().manual_seed(1))
     out = {}
     for arch in ARCHS:
@@ -38,10 +48,10 @@ def run_all(comm: Comm) -> dict:
             engine = Engine(
                 model, scope, N + NEW, comm=comm, page=PAGE, record_selection=True, check_consensus=True
             )
-            logits = engine.prefill(ids)
-            engine.reset()
-            tokens = engine.generate(ids, NEW).tokens
-            out[arch, mode] = {"logits": logits, "tokens": tokens, "selections": engine.selections}
+            for decode in ("lse", "gather"):
+                engine.decode = decode
+                logits, tokens, selections = greedy(engine, ids)
+                out[arch, mode, decode] = {"logits": logits, "tokens": tokens, "selections": selections}
     out["stats"] = comm.stats.as_dict()
     out["tensor_parallel"] = model.tensor_parallel
     return out
@@ -84,21 +94,26 @@ def test_ranks_match_single_process(world, reference, tmp_path):
     results = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(world)]
     for arch in ARCHS:
         for mode in SCOPES:
-            ref = reference[arch, mode]
-            for rank, res in enumerate(results):
-                got = res[arch, mode]
-                where = f"{arch} {mode} P={world} rank {rank}"
-                assert got["tokens"] == ref["tokens"], where
-                assert len(got["selections"]) == len(ref["selections"]), where
-                for (l1, n1, s1), (l2, n2, s2) in zip(got["selections"], ref["selections"], strict=True):
-                    assert (l1, n1) == (l2, n2) and torch.equal(s1, s2), f"{where}: layer {l1} n {n1}"
-                # fp32: the sharded o_proj/MLP sum partial products across ranks in another order
-                # (~1e-7 relative per layer); 1e-4 on logits of order 1 leaves margin.
-                torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-4, rtol=0, msg=where)
+            for decode in ("lse", "gather"):
+                ref = reference[arch, mode, "gather"]  # one rank: both forms are the same code
+                for rank, res in enumerate(results):
+                    got = res[arch, mode, decode]
+                    where = f"{arch} {mode} decode={decode} P={world} rank {rank}"
+                    assert got["tokens"] == ref["tokens"], where
+                    assert len(got["selections"]) == len(ref["selections"]), where
+                    for (l1, n1, s1), (l2, n2, s2) in zip(got["selections"], ref["selections"], strict=True):
+                        assert (l1, n1) == (l2, n2) and torch.equal(s1, s2), f"{where}: layer {l1} n {n1}"
+                    # fp32: the sharded o_proj/MLP sum partial products across ranks in another order,
+                    # and the LSE merge adds softmax pieces in another order (~1e-7 relative per
+                    # layer); 1e-4 on logits of order 1 leaves margin.
+                    torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-4, rtol=0, msg=where)
     assert [r["tensor_parallel"] for r in results] == [world in (2, 3)] * world
     if world > 1:
         stats = results[0]["stats"]
         assert stats["topk_candidates"]["calls"] > 0 and stats["scope_kv"]["bytes"] > 0
+        # LSE decode moves [H, d + 1] fp32 per layer and token: 6 heads x 17 x 4 bytes.
+        per_call = stats["decode_partials"]["bytes"] / stats["decode_partials"]["calls"]
+        assert per_call == 6 * 17 * 4
         assert ("qkv_heads" in stats) == (world in (2, 3))
 
 
