@@ -1,0 +1,196 @@
+"""Scaling-efficiency report: strong and weak scaling of the NIAH prefill over P ranks.
+
+From run directories already written by launch/niah.py (series found automatically: one length at
+several P is a strong series, one length per rank at several P a weak one):
+
+    python launch/scaling.py --from runs/cpu16k-p1 runs/cpu16k-p2 runs/cpu16k-p4 runs/cpu8k-p1 runs/cpu32k-p4 \\
+        --out launch/results/scaling-cpu-2026-11-24
+
+Naming the series instead (each group of directories must be one series, or the script stops):
+
+    python launch/scaling.py --strong runs/cpu16k-p1 runs/cpu16k-p2 runs/cpu16k-p4 \\
+        --weak runs/cpu8k-p1 runs/cpu16k-p2 runs/cpu32k-p4 --out runs/scaling
+
+Running the series first (P = 1 as ``python launch/niah.py``, P > 1 under ``python -m
+torch.distributed.run --standalone --nproc_per_node P``; each (length, P) into ``OUT/runs/len<L>-p<P>``
+with its ``command.txt`` and ``niah.log``; a re-run resumes, since niah.py skips recorded trials; any
+other flag goes to niah.py):
+
+    python launch/scaling.py --strong-len 16K --weak-len-per-rank 8K --ranks 1,2,4 \\
+        --depths 0.1,0.5,0.9 --out runs/scaling-16k
+    python launch/scaling.py --strong-len 16K --ranks 1,2,4 --dry-run --out runs/x   # print the commands
+
+Writes ``OUT/report.md`` with ``scaling.png``, ``phases.png``, ``collectives.png``, ``memory.png``.
+Bad input stops with one ``error:`` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from dist_reattn.config import MODES, ConfigError, format_count, parse_count
+from dist_reattn.report.scaling import ScalingError, auto_series, explicit_series, load_points, run_commands
+from dist_reattn.report.scaling_report import write_report
+
+NIAH = Path(__file__).resolve().parent / "niah.py"
+RESERVED = ("--len", "--out", "--mode")  # set by this script for every run
+
+
+def parse_args(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument("--out", required=True, help="report directory (and, when running, OUT/runs/)")
+    p.add_argument(
+        "--from",
+        dest="from_dirs",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="run directories to read; series found automatically (same length = strong, length/P = weak)",
+    )
+    p.add_argument(
+        "--strong",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="run directories forming one strong series (given --strong or --weak, no series is found automatically)",
+    )
+    p.add_argument(
+        "--weak", nargs="+", default=[], metavar="DIR", help="run directories forming one weak series"
+    )
+    p.add_argument("--strong-len", default=None, help="run: strong series at this length (16K, 1M, ints)")
+    p.add_argument("--weak-len-per-rank", default=None, help="run: weak series at this length per rank")
+    p.add_argument("--ranks", default="1,2,4", help="run: the P to run, comma list (default 1,2,4)")
+    p.add_argument(
+        "--mode", default="reattention", help="the NIAH mode run and reported (default reattention)"
+    )
+    p.add_argument("--dry-run", action="store_true", help="run: print the niah.py commands, run nothing")
+    p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
+    args, rest = p.parse_known_args(argv)
+    args.niah_args = rest
+    return args
+
+
+def plan_runs(args) -> tuple[list[tuple[int, int, Path]], list[Path], list[Path]]:
+    """((length, P, dir) to run, strong dirs, weak dirs) from the run-mode flags."""
+    try:
+        ranks = [int(x) for x in args.ranks.split(",")]
+    except ValueError as e:
+        raise ConfigError(f"--ranks {args.ranks!r}: give a comma list of rank counts, e.g. 1,2,4") from e
+    if any(r < 1 for r in ranks) or len(set(ranks)) < 2:
+        raise ConfigError(f"--ranks {args.ranks!r}: give two or more distinct counts >= 1")
+    for flag in RESERVED:
+        if any(a == flag or a.startswith(flag + "=") for a in args.niah_args):
+            raise ConfigError(
+                f"{flag} is set by launch/scaling.py for each run; use --strong-len/--weak-len-per-rank/--out"
+            )
+    ranks = sorted(ranks)
+    out = Path(args.out) / "runs"
+    runs: dict[tuple[int, int], Path] = {}
+    strong, weak = [], []
+    if args.strong_len:
+        n = parse_count(args.strong_len)
+        for r in ranks:
+            strong.append(runs.setdefault((n, r), out / f"len{format_count(n)}-p{r}"))
+    if args.weak_len_per_rank:
+        w = parse_count(args.weak_len_per_rank)
+        for r in ranks:
+            weak.append(runs.setdefault((w * r, r), out / f"len{format_count(w * r)}-p{r}"))
+    return [(n, r, d) for (n, r), d in runs.items()], strong, weak
+
+
+def niah_command(length: int, world: int, run_dir: Path, args) -> list[str]:
+    launcher = [sys.executable]
+    if world > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
+    return [
+        *launcher,
+        str(NIAH),
+        "--len",
+        format_count(length),
+        "--mode",
+        args.mode,
+        *args.niah_args,
+        "--out",
+        str(run_dir),
+    ]
+
+
+def run_all(runs, args) -> None:
+    for length, world, run_dir in runs:
+        cmd = niah_command(length, world, run_dir, args)
+        print(f"P={world} len {format_count(length)}: {shlex.join(cmd)}", flush=True)
+        if args.dry_run:
+            continue
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "command.txt").write_text(shlex.join(cmd) + "\n")
+        with open(run_dir / "niah.log", "ab") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc:
+            tail = (run_dir / "niah.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            what = (
+                f"P={world} len {format_count(length)} failed (exit {rc}; {run_dir / 'niah.log'}): {tail[0]}"
+            )
+            # niah.py exits 2 on bad input, its one-line error last in the log: so does this script.
+            raise (ConfigError if rc == 2 else RuntimeError)(what)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    running = bool(args.strong_len or args.weak_len_per_rank)
+    try:
+        if args.niah_args and not running:
+            raise ConfigError(
+                f"unrecognized arguments: {' '.join(args.niah_args)} (niah.py flags go with --strong-len/--weak-len-per-rank)"
+            )
+        if args.mode not in MODES:
+            raise ConfigError(f"--mode {args.mode!r}: give one of {', '.join(MODES)} (one mode per report)")
+        runs, strong, weak = plan_runs(args) if running else ([], args.strong, args.weak)
+        if not (runs or args.from_dirs or strong or weak):
+            raise ConfigError(
+                "nothing to report: give --from DIR..., --strong/--weak DIR..., or --strong-len/--weak-len-per-rank"
+            )
+        if args.dry_run:
+            if not runs:
+                raise ConfigError("--dry-run prints the runs of --strong-len/--weak-len-per-rank; none given")
+            run_all(runs, args)
+            return 0
+        if runs:
+            run_all(runs, args)
+        dirs = list(dict.fromkeys(map(str, [*args.from_dirs, *strong, *weak])))
+        points, notes = load_points(dirs, args.mode)
+        if strong or weak:
+            series = [
+                explicit_series(k, points, list(map(str, d)))
+                for k, d in (("strong", strong), ("weak", weak))
+                if d
+            ]
+        else:
+            series, more = auto_series(points)
+            notes += more
+    except (ConfigError, ScalingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    command = shlex.join(["python", os.path.relpath(__file__), *argv])
+    path = write_report(points, series, args.out, command, dirs, [*notes, *args.note], run_commands(dirs))
+    print(
+        f"{len(points)} points, {len(series)} series ({', '.join(s.title for s in series) or 'none'}): {path}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
