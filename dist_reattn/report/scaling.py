@@ -53,9 +53,9 @@ PHASE_GROUPS = {
     "model": ("model",),
 }
 PHASE_RANK_RULE = (
-    "per trial, the phases of the rank with the largest prefill total (the slowest rank, which sets the "
-    "wall time; time a faster rank spends waiting shows up in its collectives instead), then the mean "
-    "over trials; records without per-rank profiles use rank 0's"
+    "rank 0's phases, mean over trials (ranks meet at every collective, so their totals agree; how "
+    "the time splits differs: a rank that finishes its share early waits inside the next collective, "
+    "which for AutoTP's all-reduces is inside `model`; the per-rank table shows every rank)"
 )
 
 
@@ -368,20 +368,24 @@ def phase_group(phase: str) -> str:
     return phase  # comm:<kind> and any phase added later keep their own name
 
 
-def _slowest_rank_profile(record: dict, stage: str) -> dict | None:
-    ranks = [r.get("profile", {}).get(stage) for r in record.get("ranks") or []]
-    ranks = [p for p in ranks if p]
-    if ranks:
-        return max(ranks, key=lambda p: p.get("total_s", 0.0))
-    return (record.get("profile") or {}).get(stage)
+def _rank_profile(record: dict, rank: int, stage: str) -> dict | None:
+    for rr in record.get("ranks") or []:
+        if rr.get("rank") == rank:
+            return (rr.get("profile") or {}).get(stage)
+    return (record.get("profile") or {}).get(stage) if rank == 0 else None
 
 
-def phases(point: Point, stage: str = "prefill") -> dict[str, float] | None:
-    """Mean seconds per phase group (see PHASE_RANK_RULE); None if no record has a profile."""
+def phases(point: Point, stage: str = "prefill", rank: int = 0) -> dict[str, float] | None:
+    """Mean over trials of one rank's seconds per phase group (see PHASE_RANK_RULE).
+
+    Returns:
+        ``{group: seconds}``, compute groups first, then ``comm:<kind>`` ones; None if no record
+        has that rank's profile.
+    """
     sums: dict[str, float] = defaultdict(float)
     n = 0
     for r in point.records:
-        prof = _slowest_rank_profile(r, stage)
+        prof = _rank_profile(r, rank, stage)
         if not prof:
             continue
         n += 1
@@ -393,15 +397,11 @@ def phases(point: Point, stage: str = "prefill") -> dict[str, float] | None:
     return {k: sums[k] / n for k in order if k in sums}
 
 
-def rank_totals(point: Point, stage: str = "prefill") -> list[float] | None:
-    """Mean profiled seconds of ``stage`` per rank, in rank order; None without per-rank profiles."""
-    per: dict[int, list[float]] = defaultdict(list)
-    for r in point.records:
-        for rr in r.get("ranks") or []:
-            p = (rr.get("profile") or {}).get(stage)
-            if p:
-                per[rr["rank"]].append(p["total_s"])
-    return [_mean(per[k]) for k in sorted(per)] if per else None
+def rank_phases(point: Point, stage: str = "prefill") -> dict[int, dict[str, float]]:
+    """:func:`phases` of every rank that recorded a profile, by rank."""
+    ranks = sorted({rr["rank"] for r in point.records for rr in r.get("ranks") or []}) or [0]
+    out = {k: phases(point, stage, k) for k in ranks}
+    return {k: v for k, v in out.items() if v}
 
 
 def collectives(point: Point) -> dict[str, dict] | None:

@@ -78,7 +78,7 @@ def plot_scaling(series: list[Series], path: str | os.PathLike) -> None:
 
 
 def plot_phases(points: list[Point], path: str | os.PathLike) -> bool:
-    """Stacked prefill seconds per phase group, one bar per point (slowest rank; see scaling.PHASE_RANK_RULE).
+    """Stacked prefill seconds per phase group, one bar per point (rank 0; see scaling.PHASE_RANK_RULE).
 
     Returns:
         False (and writes nothing) when no point has a profile.
@@ -111,7 +111,7 @@ def plot_phases(points: list[Point], path: str | os.PathLike) -> bool:
             fontsize=7,
         )
     ax.set_xticks(list(x), [f"{p.label}\n{p.id}" for p, _ in data], fontsize=8)
-    ax.set_ylabel("prefill seconds (slowest rank, mean over trials)")
+    ax.set_ylabel("prefill seconds (rank 0, mean over trials)")
     ax.set_ylim(0, max(bottom) * 1.15)
     ax.set_title("prefill time per phase")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))

@@ -19,8 +19,7 @@ from .scaling import (
     Series,
     collectives,
     memory,
-    phases,
-    rank_totals,
+    rank_phases,
     run_commands,
     telemetry,
 )
@@ -106,34 +105,45 @@ def _points_table(points: list[Point], differ: dict[tuple, str]) -> list[str]:
     return _table(header, rows)
 
 
+def _phase_cells(ph: dict[str, float], groups: list[str]) -> list[str]:
+    total = sum(ph.values())
+    return [
+        f"{total:.1f}",
+        *(f"{ph[g]:.1f} ({100 * ph[g] / total:.0f}%)" if g in ph else "-" for g in groups),
+    ]
+
+
 def _phases_section(points: list[Point]) -> list[str]:
-    data = [(p, phases(p)) for p in points]
-    data = [(p, ph) for p, ph in data if ph]
+    data = [(p, rank_phases(p)) for p in points]
+    data = [(p, per) for p, per in data if per]
     if not data:
         return ["No record has a per-phase profile (records from before the profile was added).", ""]
-    groups = list(dict.fromkeys(g for _, ph in data for g in ph))
-    header = ["point", "profiled s", *groups, "per-rank prefill s [min-max]", "records"]
-    rows = []
-    for p, ph in data:
-        total = sum(ph.values())
-        totals = rank_totals(p)
-        spread = (
-            "-"
-            if not totals
-            else f"{min(totals):.1f}-{max(totals):.1f} ({len(totals)} rank{'s' if len(totals) > 1 else ''})"
-        )
-        cells = [f"{ph[g]:.1f} ({100 * ph[g] / total:.0f}%)" if g in ph else "-" for g in groups]
-        rows.append([p.id, f"{total:.1f}", *cells, spread, p.source_text()])
+    groups = list(dict.fromkeys(g for _, per in data for ph in per.values() for g in ph))
+    rows = [[p.id, *_phase_cells(per[min(per)], groups), p.source_text()] for p, per in data]
     named = ", ".join(f"{g} = {' + '.join(ns)}" for g, ns in PHASE_GROUPS.items())
-    return [
+    out = [
         f"Seconds (share of the profiled total) per phase group: {named}; `comm:<kind>` = time inside "
         f"that collective. Which rank: {PHASE_RANK_RULE}. `model` is everything outside the named phases "
         "(projections, norms, MLP, LM head, Python), including the tensor-parallel all-reduces that "
         "DeepSpeed AutoTP issues inside the model: those are not counted as collectives.",
         "",
-        *_table(header, rows),
+        *_table(["point", "profiled s", *groups, "records"], rows),
         "",
     ]
+    several = [(p, per) for p, per in data if len(per) > 1]
+    if several:
+        rows = [
+            [p.id, k, *_phase_cells(ph, groups), p.source_text()]
+            for p, per in several
+            for k, ph in per.items()
+        ]
+        out += [
+            "Every rank, same units:",
+            "",
+            *_table(["point", "rank", "profiled s", *groups, "records"], rows),
+            "",
+        ]
+    return out
 
 
 def _collectives_section(points: list[Point]) -> list[str]:
