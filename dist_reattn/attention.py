@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -27,17 +28,23 @@ def scope_attention(
     cos: torch.Tensor,
     sin: torch.Tensor,
     scaling: float,
+    positions: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of a chunk's queries over a scope whose last ``c`` keys are the chunk itself.
 
-    Keys take positions ``0..m-1`` and the queries the last ``c`` of them, so the causal mask is
-    aligned bottom-right.
+    Keys take positions ``0..m-1`` (or ``positions``) and the queries the last ``c`` of them, so the
+    causal mask is aligned bottom-right. A scope of fixed size with padding (``valid``) keeps every
+    shape of a retrieval step constant: nothing waits on the host, and kernels that plan per shape
+    (cuDNN attention) plan once.
 
     Args:
         q: ``[H, c, d]`` un-rotated queries.
         k, v: ``[Hkv, m, d]`` un-rotated scope keys and values, ``m >= c``, ``H % Hkv == 0``.
-        cos, sin: ``[m, d]`` rotary tables for positions ``0..m-1``.
+        cos, sin: ``[>= m, d]`` rotary tables for positions ``0, 1, ...``.
         scaling: softmax scale (the model's, usually ``d ** -0.5``).
+        positions: ``[m]`` int64 scope position of each key (padding: any value), or None for ``0..m-1``.
+        valid: ``[m]`` bool, False for padding keys; with ``positions`` only.
 
     Returns:
         ``[c, H, d]`` attention output.
@@ -45,16 +52,30 @@ def scope_attention(
     H, c, _ = q.shape
     m = k.shape[1]
     assert m >= c and H % k.shape[0] == 0
-    q = apply_rope(q, cos[m - c :], sin[m - c :])
-    k = apply_rope(k, cos, sin)
-    mask = None
-    if c > 1:
-        # query i (position m - c + i) sees keys 0 .. m - c + i
+    if positions is None:
+        k_cos, k_sin = cos[:m], sin[:m]
+    else:
+        k_cos, k_sin = cos[positions], sin[positions]
+    q = apply_rope(q, k_cos[m - c :], k_sin[m - c :])
+    k = apply_rope(k, k_cos, k_sin)
+    gqa = k.shape[0] != H
+    if q.is_cuda and gqa:
+        # SDPA's fused kernels take masks only without enable_gqa; the scope is small enough to expand.
+        k, v = k.repeat_interleave(H // k.shape[0], 0), v.repeat_interleave(H // k.shape[0], 0)
+        gqa = False
+    if positions is not None:
+        # query i sees the valid keys at positions up to its own
+        mask = valid[None, :] & (positions[None, :] <= positions[m - c :, None])  # [c, m]
+    elif q.is_cuda:
+        mask = causal_lower_right(c, m)  # dispatched to flash / memory-efficient attention, no [c, m] mask
+    elif c > 1:
         cols = torch.arange(m, device=q.device)
         rows = torch.arange(m - c, m, device=q.device)
         mask = cols[None, :] <= rows[:, None]  # [c, m]
+    else:
+        mask = None
     out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, scale=scaling, enable_gqa=k.shape[0] != H
+        q[None], k[None], v[None], attn_mask=mask, scale=scaling, enable_gqa=gqa
     )  # [1, H, c, d]
     return out[0].transpose(0, 1)
 

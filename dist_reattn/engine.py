@@ -19,7 +19,7 @@ from .config import ScopeConfig
 from .distributed import Comm
 from .models.adapter import ReAttnModel
 from .profile import Profile
-from .select import local_topk, select_from_candidates
+from .select import Scope, local_topk, select_from_candidates
 
 
 @dataclass
@@ -66,11 +66,21 @@ class Step:
             # Everything in the cache at original positions 0..n-1; with one rank local rows are global.
             keys, values = e.cache.k[layer, :n], e.cache.v[layer, :n]
         else:
-            keys, values = e.gather(layer, torch.arange(n, device=q.device) if scope is None else scope)
+            tokens = torch.arange(n, device=q.device) if scope is None else scope.tokens
+            keys, values = e.gather(layer, tokens)
         with prof.phase("attention"):
             keys, values = keys[:, e.kv_heads], values[:, e.kv_heads]  # this rank's KV heads
             cos, sin = e.rope_table(keys.shape[0])
-            return scope_attention(q, keys.transpose(0, 1), values.transpose(0, 1), cos, sin, scaling)
+            return scope_attention(
+                q,
+                keys.transpose(0, 1),
+                values.transpose(0, 1),
+                cos,
+                sin,
+                scaling,
+                None if scope is None else scope.positions,
+                None if scope is None else scope.valid,
+            )
 
 
 class Engine:
@@ -145,8 +155,8 @@ class Engine:
             self._cos, self._sin = self.model.rope(torch.arange(size))
         return self._cos[:m], self._sin[:m]
 
-    def scope_for(self, layer: int, q: torch.Tensor, n: int) -> torch.Tensor | None:
-        """The scope of this step (global token indices), or None for everything at original positions.
+    def scope_for(self, layer: int, q: torch.Tensor, n: int) -> Scope | None:
+        """The scope of this step, or None for everything at original positions.
 
         Args:
             q: ``[c, H, d]`` un-rotated queries of all heads.
@@ -156,23 +166,28 @@ class Engine:
         if cfg.mode == "full" or n <= cfg.sink + cfg.local:
             return None
         if cfg.mode == "streaming" or cfg.topk == 0:
-            scope = torch.cat([torch.arange(cfg.sink), torch.arange(n - cfg.local, n)]).to(q.device)
+            scope = Scope(torch.cat([torch.arange(cfg.sink), torch.arange(n - cfg.local, n)]).to(q.device))
         else:
             with self.profile.phase("scoring"):
                 lo, hi = self.cache.local_rows(cfg.sink, n - cfg.local)
                 scores, rows = local_topk(q, self.cache.k[layer], lo, hi, cfg.topk)
                 index = self.cache.to_global(rows)
-            # One collective for both halves: fp32 scores and indices (< 2**53) are exact in fp64.
-            both = self.comm.all_gather(torch.stack([scores.double(), index.double()]), "topk_candidates")
+            if self.comm.world == 1:
+                scores, index = scores[None], index[None]  # [P = 1, c, H, k]
+            else:
+                # One collective for both halves: fp32 scores and indices (< 2**53) are exact in fp64.
+                both = self.comm.all_gather(torch.stack([scores.double(), index.double()]), "topk_candidates")
+                scores, index = both[:, 0].float(), both[:, 1].long()
             with self.profile.phase("selection"):
-                scope = select_from_candidates(both[:, 0].float(), both[:, 1].long(), n, cfg)
+                scope = select_from_candidates(scores, index, n, cfg)
         if self.check_consensus:
+            chosen = scope.selected()
             self.comm.check_same(
-                [scope.numel(), int(scope.sum()), int((scope * scope).sum())],
+                [chosen.numel(), int(chosen.sum()), int((chosen * chosen).sum())],
                 f"the scope of layer {layer} at n={n}",
             )
         if self.record_selection:
-            self.selections.append((layer, n, scope.cpu()))
+            self.selections.append((layer, n, scope.selected().cpu()))
         return scope
 
     def all_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -195,7 +210,7 @@ class Engine:
         return torch.cat(qs), torch.cat(ks), torch.cat(vs)
 
     def gather(self, layer: int, scope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scope K/V ``[m, Hkv, d]`` (pre-RoPE) in scope order, fetched from the ranks that own them.
+        """K/V ``[m, Hkv, d]`` (pre-RoPE) of global tokens ``scope [m]``, fetched from the ranks that own them.
 
         Each rank fills the rows it owns and the sum over ranks assembles the whole scope (every
         row has exactly one owner, the others add zeros, so the sum is exact in any dtype).
@@ -214,13 +229,13 @@ class Engine:
         return kv[0], kv[1]
 
     def attend_partials(
-        self, layer: int, q: torch.Tensor, scope: torch.Tensor | None, n: int, scaling: float
+        self, layer: int, q: torch.Tensor, scope: Scope | None, n: int, scaling: float
     ) -> torch.Tensor:
         """Decode attention split by token owner: each rank attends over its scope tokens, merged by LSE.
 
         Args:
             q: ``[H, d]`` un-rotated query of all heads (one token).
-            scope: global scope indices ``[m]``, or None for all ``n`` tokens.
+            scope: this step's scope, or None for all ``n`` tokens at their own positions.
 
         Returns:
             ``[1, h, d]`` for this rank's query heads, in the model dtype.
@@ -228,11 +243,14 @@ class Engine:
         cache = self.cache
         with self.profile.phase("attention"):
             if scope is None:
-                scope = torch.arange(n, device=q.device)
-            m = scope.numel()
-            mine = cache.owned_mask(scope)
-            positions = mine.nonzero()[:, 0]  # scope positions of this rank's tokens
-            rows = cache.to_local(scope[mine])
+                scope = Scope(torch.arange(n, device=q.device))
+            tokens, m = scope.tokens, scope.tokens.numel()
+            mine = cache.owned_mask(tokens)
+            if scope.valid is not None:
+                mine &= scope.valid
+            positions = torch.arange(m, device=q.device) if scope.positions is None else scope.positions
+            q_position, positions = positions[-1], positions[mine]  # the query is the scope's last token
+            rows = cache.to_local(tokens[mine])
             cos, sin = self.rope_table(m)
             out, lse = partial_attention(
                 q,
@@ -240,8 +258,8 @@ class Engine:
                 cache.v[layer, rows].transpose(0, 1),
                 cos[positions],
                 sin[positions],
-                cos[m - 1],
-                sin[m - 1],
+                cos[q_position],
+                sin[q_position],
                 scaling,
             )
             packed = torch.cat([out, lse[:, None]], dim=1)  # [H, d + 1] fp32

@@ -42,3 +42,18 @@ def test_full_mode_matches_hf_in_bf16(arch):
     engine = Engine(ReAttnModel(copy.deepcopy(hf)), ScopeConfig(mode="full", local=64, chunk=64), N)
     # bf16 keeps 8 mantissa bits: chunked vs one-shot attention round differently, ~1e-2 on logits ~1.
     torch.testing.assert_close(engine.prefill(ids).float(), ref, atol=5e-2, rtol=0)
+
+
+def test_profile_on_cuda_adds_up_to_the_prefill():
+    hf = tiny_model("llama").to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 120, (N,), generator=torch.Generator().manual_seed(4))
+    cfg = ScopeConfig(mode="reattention", sink=4, local=64, chunk=64, topk=4, span=8, recall_clip=16)
+    engine = Engine(ReAttnModel(hf), cfg, N + 8)
+    engine.generate(ids, 2)  # warm-up: kernel compilation is not what the profile is about
+    gen = engine.generate(ids, 4)
+    prefill = gen.profile["prefill"]
+    assert {"scoring", "selection", "attention", "model"} <= set(prefill["seconds"])
+    assert prefill["tokens"] == N and prefill["steps"] == N // 64 + 1
+    # Events time the stream; the host's wall clock includes launch latency after the last event.
+    assert 0.5 * gen.prefill_seconds < prefill["total_s"] <= 1.05 * gen.prefill_seconds
+    assert gen.profile["decode"]["tokens"] == len(gen.tokens) - 1

@@ -42,7 +42,11 @@ def sharded_scope(q, k, n, cfg: ScopeConfig, world: int, page: int) -> list[int]
         s, rows = local_topk(q, cache.k[0], lo, hi, cfg.topk)
         all_s.append(s)
         all_i.append(cache.to_global(rows))
-    return select_from_candidates(torch.stack(all_s), torch.stack(all_i), n, cfg).tolist()
+    scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), n, cfg)
+    assert scope.tokens.numel() == cfg.max_scope()  # fixed size whatever the data
+    # positions count the real entries in order, so RoPE sees 0..|scope|-1
+    assert torch.equal(scope.positions[scope.valid], torch.arange(int(scope.valid.sum())))
+    return scope.selected().tolist()
 
 
 @pytest.mark.parametrize("world,page", [(1, 256), (2, 8), (3, 5), (4, 16)])
@@ -64,9 +68,15 @@ def test_vote_tie_breaks():
     # token 7: 2 votes; tokens 3 and 9: 1 vote, same best score -> lower index (3) wins the last slot
     index = torch.tensor([[[7, 3], [7, 9]]])
     scores = torch.tensor([[[1.0, 5.0], [2.0, 5.0]]])
-    assert vote(scores, index, 2).tolist() == [3, 7]
+    assert kept(scores, index, 2) == [3, 7]
     # higher best score beats lower index at equal votes
     scores = torch.tensor([[[1.0, 4.0], [2.0, 5.0]]])
-    assert vote(scores, index, 2).tolist() == [7, 9]
+    assert kept(scores, index, 2) == [7, 9]
     # padding (-1) never votes
-    assert vote(torch.tensor([[[1.0, float("-inf")]]]), torch.tensor([[[4, -1]]]), 5).tolist() == [4]
+    assert kept(torch.tensor([[[1.0, float("-inf")]]]), torch.tensor([[[4, -1]]]), 5) == [4]
+
+
+def kept(scores, index, recall_clip) -> list[int]:
+    tokens, valid = vote(scores, index, recall_clip)
+    assert tokens.shape == valid.shape == (recall_clip,)
+    return sorted(tokens[valid].tolist())
