@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -42,6 +43,55 @@ class CollectiveStats:
         self.seconds.clear()
 
 
+class Heartbeat:
+    """Publishes this rank's count of collectives entered to the job's key-value store, every second.
+
+    When a collective times out, the rank that waited reads everyone's count and names the ranks
+    that never reached it (hung or dead), which the collective's own error cannot tell. A background
+    thread keeps it off the hot path.
+
+    Args:
+        store: the process group's store (``torch.distributed`` Store).
+        comm: the Comm whose ``calls`` are published.
+    """
+
+    def __init__(self, store, comm: Comm, interval_s: float = 1.0):
+        self.store, self.comm, self.interval_s = store, comm, interval_s
+        self._stop = threading.Event()
+        self._publish()
+        self._thread = threading.Thread(target=self._loop, name="dist-reattn-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _key(self, rank: int) -> str:
+        return f"dist_reattn/entered/{rank}"
+
+    def _publish(self) -> None:
+        self.store.set(self._key(self.comm.rank), str(self.comm.calls))
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._publish()
+            except Exception:  # the store went away with the job: nothing left to report to
+                return
+
+    def behind(self) -> str:
+        """Which ranks have not entered this rank's latest collective, e.g. ``rank 1 (at #3)``."""
+        try:
+            late = []
+            for r in range(self.comm.world):
+                key = self._key(r)
+                entered = int(self.store.get(key)) if self.store.check([key]) else 0
+                if entered < self.comm.calls:
+                    late.append(f"rank {r} (entered #{entered})")
+        except Exception as e:
+            return f"the other ranks' progress is unreadable ({type(e).__name__})"
+        return ", ".join(late) if late else "none behind (a rank may have died inside it)"
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class Comm:
     """The collectives of one process group, counted per kind.
 
@@ -57,6 +107,7 @@ class Comm:
         self.stats = CollectiveStats()
         self.calls = 0  # collectives entered, for error messages
         self.profile = None  # a dist_reattn.profile.Profile; collectives are then timed as its phases
+        self.heartbeat: Heartbeat | None = None
 
     @classmethod
     def single(cls) -> Comm:
@@ -73,9 +124,10 @@ class Comm:
             with self.profile.phase(f"comm:{kind}") if self.profile else contextlib.nullcontext():
                 out = fn()
         except RuntimeError as e:
+            late = f"; not there: {self.heartbeat.behind()}" if self.heartbeat else ""
             raise RuntimeError(
                 f"rank {self.rank}/{self.world}: collective #{self.calls} ({kind}) failed after "
-                f"{time.perf_counter() - t0:.1f} s (timeout {self.timeout_s} s): another rank died or hangs: {e}"
+                f"{time.perf_counter() - t0:.1f} s (timeout {self.timeout_s} s): another rank died or hangs{late}: {e}"
             ) from e
         self.stats.add(kind, nbytes, time.perf_counter() - t0)
         return out
@@ -173,9 +225,19 @@ def init_from_env(timeout_s: float = 600.0, backend: str = "auto") -> Comm:
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-    return Comm.of_group(dist.group.WORLD, timeout_s)
+    comm = Comm.of_group(dist.group.WORLD, timeout_s)
+    try:
+        # The store init_process_group connected to (torchrun's or rank 0's); torch has no public getter.
+        store = dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        store = None
+    if store is not None:
+        comm.heartbeat = Heartbeat(store, comm)
+    return comm
 
 
 def shutdown(comm: Comm) -> None:
+    if comm.heartbeat is not None:
+        comm.heartbeat.stop()
     if dist.is_initialized():
         dist.destroy_process_group()
