@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 import types
@@ -174,6 +175,19 @@ def apply_dict(cfg: Config, data: dict, source: str) -> None:
             raise ConfigError(f"{source}: section {section!r} must be a mapping")
         for name, value in values.items():
             _set(cfg, f"{section}.{name}", value)
+
+
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """Parses a launch script's flags; the ``--section.field=value`` overrides land in ``args.overrides``.
+
+    Any other unknown argument is an argparse error (usage line, exit 2).
+    """
+    args, rest = parser.parse_known_args(argv)
+    bad = [r for r in rest if not (r.startswith("--") and "." in r.split("=")[0])]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides = rest
+    return args
 
 
 def preset_path(name: str) -> Path | None:

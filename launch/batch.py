@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dist_reattn.config import ConfigError, load_config, preset_path
+from dist_reattn.config import ConfigError, load_config, parse_args_with_overrides, preset_path
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.tasks.batch import Preempted, plan_job, run_tasks, stop_on_sigterm
 
@@ -50,12 +50,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="default for tasks without their own (default 64)"
     )
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--") and "." in r.split("=")[0])]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = rest
-    return args
+    return parse_args_with_overrides(p, argv)
 
 
 def validate(args):

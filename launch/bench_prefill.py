@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dist_reattn.config import ConfigError, format_count, load_config, parse_count
+from dist_reattn.config import ConfigError, format_count, load_config, parse_args_with_overrides, parse_count
 from dist_reattn.distributed import Comm
 from dist_reattn.engine import Engine
 from dist_reattn.models.adapter import ReAttnModel
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--no-full", action="store_true", help="skip full attention (extrapolated from the fit)")
     p.add_argument("--no-ours", action="store_true", help="time full attention only")
-    args, overrides = p.parse_known_args(argv)
+    args = parse_args_with_overrides(p, argv)
     try:
         lengths = [parse_count(x) for x in args.len.split(",")]
-        cfg = load_config(args.model, [f"model.path={args.model}", *overrides])
+        cfg = load_config(args.model, [f"model.path={args.model}", *args.overrides])
         if not torch.cuda.is_available():
             raise ConfigError("bench_prefill.py needs a CUDA GPU")
         prep = prepare(cfg, max(lengths), Comm.single())

@@ -23,7 +23,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dist_reattn.config import MODES, ConfigError, format_count, load_config, parse_count, preset_path
+from dist_reattn.config import (
+    MODES,
+    ConfigError,
+    format_count,
+    load_config,
+    parse_args_with_overrides,
+    parse_count,
+    preset_path,
+)
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.models.load import load_tokenizer
 from dist_reattn.report.measure import TrialMeter, profile_line
@@ -55,12 +63,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--haystack", default="noise", choices=HAYSTACKS)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--out", default=None, help="output directory (default runs/niah-<time>)")
-    args, rest = p.parse_known_args(argv)
-    bad = [r for r in rest if not (r.startswith("--") and "." in r.split("=")[0])]
-    if bad:
-        p.error(f"unrecognized arguments: {' '.join(bad)}")
-    args.overrides = rest
-    return args
+    return parse_args_with_overrides(p, argv)
 
 
 def validate(args):
