@@ -17,7 +17,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotates ``x [H, m, d]`` by ``cos, sin [m, d]`` (already in x's dtype, scaling included)."""
+    """Rotates ``x [..., m, d]`` by ``cos, sin`` broadcastable to it (in x's dtype, scaling included)."""
     return x * cos + rotate_half(x) * sin
 
 
@@ -31,41 +31,46 @@ def scope_attention(
     positions: torch.Tensor | None = None,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of a chunk's queries over a scope whose last ``c`` keys are the chunk itself.
+    """Causal attention of chunks' queries over their scopes, whose last ``c`` keys are the chunk itself.
 
     Keys take positions ``0..m-1`` (or ``positions``) and the queries the last ``c`` of them, so the
     causal mask is aligned bottom-right. A scope of fixed size with padding (``valid``) keeps every
     shape of a retrieval step constant: nothing waits on the host, and kernels that plan per shape
-    (cuDNN attention) plan once.
+    (cuDNN attention) plan once. The leading dimension ``B`` is a batch of chunks, each with its own
+    scope.
 
     Args:
-        q: ``[H, c, d]`` un-rotated queries.
-        k, v: ``[Hkv, m, d]`` un-rotated scope keys and values, ``m >= c``, ``H % Hkv == 0``.
+        q: ``[B, H, c, d]`` un-rotated queries.
+        k, v: ``[B, Hkv, m, d]`` un-rotated scope keys and values, ``m >= c``, ``H % Hkv == 0``.
         cos, sin: ``[>= m, d]`` rotary tables for positions ``0, 1, ...``.
         scaling: softmax scale (the model's, usually ``d ** -0.5``).
-        positions: ``[m]`` int64 scope position of each key (padding: any value), or None for ``0..m-1``.
-        valid: ``[m]`` bool, False for padding keys; with ``positions`` only.
+        positions: ``[B, m]`` int64 scope position of each key (padding: any value), or None for
+            ``0..m-1``.
+        valid: ``[B, m]`` bool, False for padding keys; with ``positions`` only.
 
     Returns:
-        ``[c, H, d]`` attention output.
+        ``[B, c, H, d]`` attention output.
     """
-    H, c, _ = q.shape
-    m = k.shape[1]
-    assert m >= c and H % k.shape[0] == 0
+    B, H, c, _ = q.shape
+    m = k.shape[2]
+    assert m >= c and H % k.shape[1] == 0 and k.shape[0] == B
     if positions is None:
-        k_cos, k_sin = cos[:m], sin[:m]
+        k_cos, k_sin = cos[:m], sin[:m]  # [m, d], the same for every chunk
+        q_cos, q_sin = k_cos[m - c :], k_sin[m - c :]
     else:
-        k_cos, k_sin = cos[positions], sin[positions]
-    q = apply_rope(q, k_cos[m - c :], k_sin[m - c :])
+        k_cos, k_sin = cos[positions][:, None], sin[positions][:, None]  # [B, 1, m, d]
+        q_cos, q_sin = k_cos[:, :, m - c :], k_sin[:, :, m - c :]
+    q = apply_rope(q, q_cos, q_sin)
     k = apply_rope(k, k_cos, k_sin)
-    gqa = k.shape[0] != H
+    gqa = k.shape[1] != H
     if q.is_cuda and gqa:
         # SDPA's fused kernels take masks only without enable_gqa; the scope is small enough to expand.
-        k, v = k.repeat_interleave(H // k.shape[0], 0), v.repeat_interleave(H // k.shape[0], 0)
+        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
         gqa = False
     if positions is not None:
         # query i sees the valid keys at positions up to its own
-        mask = valid[None, :] & (positions[None, :] <= positions[m - c :, None])  # [c, m]
+        mask = valid[:, None, :] & (positions[:, None, :] <= positions[:, m - c :, None])  # [B, c, m]
+        mask = mask[:, None]  # [B, 1, c, m], the same for every head
     elif q.is_cuda:
         mask = causal_lower_right(c, m)  # dispatched to flash / memory-efficient attention, no [c, m] mask
     elif c > 1:
@@ -74,10 +79,8 @@ def scope_attention(
         mask = cols[None, :] <= rows[:, None]  # [c, m]
     else:
         mask = None
-    out = F.scaled_dot_product_attention(
-        q[None], k[None], v[None], attn_mask=mask, scale=scaling, enable_gqa=gqa
-    )  # [1, H, c, d]
-    return out[0].transpose(0, 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2)  # [B, c, H, d]
 
 
 def partial_attention(

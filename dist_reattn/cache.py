@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, ScopeConfig
 from .models.spec import ModelSpec
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
@@ -155,27 +155,58 @@ def plan_memory(
     full_mode: bool,
     world: int = 1,
     page: int = 256,
+    slab: int = 1,
 ) -> MemoryPlan:
     """Plans one rank's memory for a cache of ``tokens`` tokens, before any weight is loaded.
 
     KV per rank is ``ceil(tokens / P)`` (whole pages) x layers x Hkv x d x 2 x dtype bytes. The
-    activation term bounds the transient tensors of one step: the blocked score tiles, the
-    gathered scope K/V with their rotated copies, the causal mask, the attention scores of the
-    math SDPA path, and the MLP intermediates. Weights count whole even under tensor parallelism:
-    every rank loads the whole model before AutoTP shards it, so that is the rank's peak.
+    activation term bounds the transient tensors of one forward of ``slab`` chunks: the blocked
+    score tiles, the gathered scope K/V of every chunk with their rotated copies, the masks, the
+    attention scores of the math SDPA path (CPU; the GPU's fused kernels keep them on chip), and
+    the MLP intermediates. Weights count whole even under tensor parallelism: every rank loads the
+    whole model before AutoTP shards it, so that is the rank's peak.
     """
     b = DTYPE_BYTES[dtype]
     rows = local_capacity(tokens, world, page, 0)
     kv = rows * spec.kv_bytes_per_token(b)
     weights = spec.n_params() * b
     scope = tokens if full_mode else min(tokens, max_scope)
+    batch = 1 if full_mode else slab  # chunks attending at once (full mode attends chunk by chunk)
+    # Per chunk: the bool mask, and either the additive bias SDPA's fused kernel builds from it (GPU,
+    # bounded at one per head in the model dtype) or the math path's fp32 scores (CPU).
+    scores = chunk * scope * (1 + spec.heads * (b if device.type == "cuda" else 4))
     act = (
         spec.heads * chunk * 4096 * 4 * 2  # score block + its top-k working set, fp32
-        + 4 * scope * spec.heads * spec.head_dim * b  # scope K, V and their rotated copies
-        + spec.heads * chunk * scope * 4  # attention scores (math SDPA) or mask, fp32
-        + 4 * chunk * max(spec.intermediate, spec.vocab // 8) * 4  # MLP intermediates
+        + batch * 4 * scope * spec.heads * spec.head_dim * b  # scope K, V and their rotated copies
+        + batch * scores
+        + 4 * slab * chunk * spec.intermediate * 4  # MLP intermediates of the slab's tokens (fp32 bound)
+        + spec.vocab * 4 * 4  # the last token's logits
     )
     return MemoryPlan(str(device), kv, weights, act, available_bytes(device))
+
+
+def plan_for_scope(
+    spec: ModelSpec,
+    scope: ScopeConfig,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    world: int = 1,
+    page: int = 256,
+) -> MemoryPlan:
+    """:func:`plan_memory` for a run with these scope settings (chunk, slab, scope size, mode)."""
+    return plan_memory(
+        spec,
+        tokens,
+        dtype,
+        device,
+        chunk=scope.chunk,
+        max_scope=scope.max_scope(),
+        full_mode=scope.mode == "full",
+        world=world,
+        page=page,
+        slab=scope.slab_on(device.type),
+    )
 
 
 def check_memory(plan: MemoryPlan, tokens: int, world: int) -> None:

@@ -47,6 +47,10 @@ class ScopeConfig:
     """R: at most R distinct hits are kept, by vote count."""
     chunk: int = 512
     """C: prefill chunk length in tokens."""
+    slab: int = 0
+    """Prefill chunks per model forward (0: 16 on a GPU, 1 on a CPU). Norms, projections and MLPs run
+    once over the slab and the retrieval and attention of its chunks run batched; every chunk still
+    gets exactly the scope and attention it would get alone, so results do not depend on it."""
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -56,12 +60,18 @@ class ScopeConfig:
                 raise ConfigError(f"scope.{name}={getattr(self, name)} must be >= 0")
         if self.chunk <= 0:
             raise ConfigError(f"scope.chunk={self.chunk} must be > 0 (e.g. --scope.chunk=512)")
+        if self.slab < 0:
+            raise ConfigError(f"scope.slab={self.slab} must be >= 0 (0 picks 16 on a GPU, 1 on a CPU)")
         if self.span <= 0:
             raise ConfigError(f"scope.span={self.span} must be > 0")
         if self.local < self.chunk:
             raise ConfigError(
                 f"scope.local={self.local} must be >= scope.chunk={self.chunk}: the local window holds the current chunk"
             )
+
+    def slab_on(self, device_type: str) -> int:
+        """Chunks per prefill forward on a ``cuda`` or ``cpu`` device."""
+        return self.slab or (16 if device_type == "cuda" else 1)
 
     def max_scope(self) -> int:
         """Upper bound on the scope length of one step (sink + clipped spans + local)."""

@@ -38,13 +38,39 @@ class Generation:
 
 
 class Step:
-    """One forward of ``c`` new tokens at global positions ``[n0, n0 + c)``."""
+    """One forward of ``c`` new tokens at global positions ``[n0, n0 + c)``.
+
+    In prefill a step is a slab of one or more chunks of ``scope.chunk`` tokens: the model's
+    per-token work (norms, projections, MLPs) runs once over the slab, and attention keeps the chunk
+    semantics exactly: chunk j (ending at ``n_j``) attends over the scope chosen for it at ``n_j``,
+    as if the chunks had been fed one by one. Chunks of equal size past the plain-attention prefix
+    are scored, selected and attended as one batch.
+    """
 
     def __init__(self, engine: Engine, n0: int, c: int):
         self.engine, self.n0, self.c = engine, n0, c
 
+    def chunk_groups(self) -> list[tuple[int, int, int, bool]]:
+        """``(offset, size, count, retrieval)`` runs of chunks that attend as one batch.
+
+        Plain chunks (``full`` mode, or a cache of at most ``sink + local`` tokens) attend one by one
+        over everything before them; the others come in runs of equal size (only the last chunk of
+        a prompt can be shorter).
+        """
+        cfg = self.engine.scope
+        groups: list[tuple[int, int, int, bool]] = []
+        for off in range(0, self.c, cfg.chunk):
+            size = min(cfg.chunk, self.c - off)
+            retrieval = cfg.mode != "full" and self.n0 + off + size > cfg.sink + cfg.local
+            last = groups[-1] if groups else None
+            if last and retrieval and last[3] and last[1] == size:
+                groups[-1] = (last[0], size, last[2] + 1, True)
+            else:
+                groups.append((off, size, 1, retrieval))
+        return groups
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None):
-        """Appends the chunk's K/V, chooses the scope, attends.
+        """Appends the step's K/V, chooses each chunk's scope, attends.
 
         Args:
             q: ``[H, c, d]``; k, v: ``[Hkv, c, d]``; all un-rotated (this rank's heads).
@@ -53,34 +79,38 @@ class Step:
             ``[c, H, d]`` for this rank's heads.
         """
         e, prof = self.engine, self.engine.profile
-        n = self.n0 + self.c
         scaling = scaling or q.shape[-1] ** -0.5
-        prof.count("layer_steps")
         q_all, k_all, v_all = e.all_heads(q, k, v)
         with prof.phase("append"):
             e.cache.append(layer, self.n0, k_all.transpose(0, 1), v_all.transpose(0, 1))
-        scope = e.scope_for(layer, q_all.transpose(0, 1), n)
-        if self.c == 1 and e.comm.world > 1 and e.decode == "lse":
-            return e.attend_partials(layer, q_all[:, 0], scope, n, scaling)
-        if scope is None and e.comm.world == 1:
-            # Everything in the cache at original positions 0..n-1; with one rank local rows are global.
-            keys, values = e.cache.k[layer, :n], e.cache.v[layer, :n]
-        else:
-            tokens = torch.arange(n, device=q.device) if scope is None else scope.tokens
-            keys, values = e.gather(layer, tokens)
-        with prof.phase("attention"):
-            keys, values = keys[:, e.kv_heads], values[:, e.kv_heads]  # this rank's KV heads
-            cos, sin = e.rope_table(keys.shape[0])
-            return scope_attention(
-                q,
-                keys.transpose(0, 1),
-                values.transpose(0, 1),
-                cos,
-                sin,
-                scaling,
-                None if scope is None else scope.positions,
-                None if scope is None else scope.valid,
-            )
+        outs = []
+        for off, size, count, retrieval in self.chunk_groups():
+            prof.count("layer_steps", count)
+            rows = slice(off, off + size * count)
+            n = self.n0 + off + size  # tokens in the cache at the end of the group's first chunk
+            if not retrieval:
+                outs.append(e.attend_plain(layer, q[:, rows], q_all[:, rows], n, scaling))
+                continue
+            q_chunks = q_all[:, rows].unflatten(1, (count, size)).permute(1, 2, 0, 3)  # [B, c, H, d]
+            scope = e.scopes_for(layer, q_chunks, n)
+            if self.c == 1 and e.comm.world > 1 and e.decode == "lse":
+                return e.attend_partials(layer, q_all[:, 0], scope.row(0), n, scaling)
+            keys, values = e.gather(layer, scope.tokens)  # [B, M, Hkv, d]
+            with prof.phase("attention"):
+                keys, values = keys[:, :, e.kv_heads], values[:, :, e.kv_heads]  # this rank's KV heads
+                cos, sin = e.rope_table(keys.shape[1])
+                out = scope_attention(
+                    q[:, rows].unflatten(1, (count, size)).transpose(0, 1),  # [B, h, c, d]
+                    keys.transpose(1, 2),
+                    values.transpose(1, 2),
+                    cos,
+                    sin,
+                    scaling,
+                    scope.positions,
+                    scope.valid,
+                )
+                outs.append(out.flatten(0, 1))  # [B * c, h, d]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class Engine:
@@ -155,31 +185,49 @@ class Engine:
             self._cos, self._sin = self.model.rope(torch.arange(size))
         return self._cos[:m], self._sin[:m]
 
-    def scope_for(self, layer: int, q: torch.Tensor, n: int) -> Scope | None:
-        """The scope of this step, or None for everything at original positions.
+    def scopes_for(self, layer: int, q: torch.Tensor, n: int) -> Scope:
+        """The scopes of a batch of equal chunks past the plain prefix (``n > sink + local``).
 
         Args:
-            q: ``[c, H, d]`` un-rotated queries of all heads.
-            n: tokens in the cache including the chunk.
+            q: ``[B, c, H, d]`` un-rotated queries of all heads; chunk b ends at ``n + b * c``.
+            n: tokens in the cache at the end of the first chunk.
+
+        Returns:
+            The batch of scopes, tensors ``[B, M]``.
         """
         cfg = self.scope
-        if cfg.mode == "full" or n <= cfg.sink + cfg.local:
-            return None
+        B, c = q.shape[:2]
+        ends = [n + b * c for b in range(B)]
+        dev = q.device
         if cfg.mode == "streaming" or cfg.topk == 0:
-            scope = Scope(torch.cat([torch.arange(cfg.sink), torch.arange(n - cfg.local, n)]).to(q.device))
+            local = torch.arange(B, device=dev)[:, None] * c + torch.arange(n - cfg.local, n, device=dev)
+            scope = Scope(torch.cat([torch.arange(cfg.sink, device=dev).expand(B, -1), local], dim=1))
         else:
             with self.profile.phase("scoring"):
-                lo, hi = self.cache.local_rows(cfg.sink, n - cfg.local)
-                scores, rows = local_topk(q, self.cache.k[layer], lo, hi, cfg.topk)
-                index = self.cache.to_global(rows)
+                found = []
+                for b, end in enumerate(ends):
+                    lo, hi = self.cache.local_rows(cfg.sink, end - cfg.local)
+                    found.append(local_topk(q[b], self.cache.k[layer], lo, hi, cfg.topk))
+                scores = torch.stack([f[0] for f in found])  # [B, c, H, k]
+                index = self.cache.to_global(torch.stack([f[1] for f in found]))
             if self.comm.world == 1:
-                scores, index = scores[None], index[None]  # [P = 1, c, H, k]
+                scores, index = scores[None], index[None]  # [P = 1, B, c, H, k]
             else:
                 # One collective for both halves: fp32 scores and indices (< 2**53) are exact in fp64.
                 both = self.comm.all_gather(torch.stack([scores.double(), index.double()]), "topk_candidates")
                 scores, index = both[:, 0].float(), both[:, 1].long()
             with self.profile.phase("selection"):
-                scope = select_from_candidates(scores, index, n, cfg)
+                n_b = n if B == 1 else n + c * torch.arange(B, device=dev)
+                scope = select_from_candidates(scores, index, n_b, cfg)
+        for b, end in enumerate(ends):
+            if self.check_consensus or self.record_selection:
+                self.check_and_record(layer, end, scope.row(b))
+        return scope
+
+    def check_and_record(self, layer: int, n: int, scope: Scope | None) -> None:
+        """The debug options: cross-rank agreement on a chunk's scope, and its record."""
+        if scope is None:
+            return
         if self.check_consensus:
             chosen = scope.selected()
             self.comm.check_same(
@@ -188,7 +236,32 @@ class Engine:
             )
         if self.record_selection:
             self.selections.append((layer, n, scope.selected().cpu()))
-        return scope
+
+    def attend_plain(
+        self, layer: int, q: torch.Tensor, q_all: torch.Tensor, n: int, scaling: float
+    ) -> torch.Tensor:
+        """One chunk over everything in the cache (``n`` tokens) at original positions.
+
+        Args:
+            q: ``[h, c, d]`` this rank's un-rotated queries; q_all: ``[H, c, d]`` of every head.
+
+        Returns:
+            ``[c, h, d]``.
+        """
+        if q.shape[1] == 1 and self.comm.world > 1 and self.decode == "lse":
+            return self.attend_partials(layer, q_all[:, 0], None, n, scaling)
+        if self.comm.world == 1:
+            # Everything in the cache at original positions 0..n-1; with one rank local rows are global.
+            keys, values = self.cache.k[layer, :n], self.cache.v[layer, :n]
+        else:
+            keys, values = self.gather(layer, torch.arange(n, device=q.device))
+        with self.profile.phase("attention"):
+            keys, values = keys[:, self.kv_heads], values[:, self.kv_heads]
+            cos, sin = self.rope_table(n)
+            out = scope_attention(
+                q[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], cos, sin, scaling
+            )
+            return out[0]
 
     def all_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """q, k, v of every head: this rank's ``[h, c, d]`` pieces gathered in one collective.
@@ -210,7 +283,7 @@ class Engine:
         return torch.cat(qs), torch.cat(ks), torch.cat(vs)
 
     def gather(self, layer: int, scope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V ``[m, Hkv, d]`` (pre-RoPE) of global tokens ``scope [m]``, fetched from the ranks that own them.
+        """K/V ``[..., m, Hkv, d]`` (pre-RoPE) of global tokens ``scope [..., m]``, fetched from the ranks that own them.
 
         Each rank fills the rows it owns and the sum over ranks assembles the whole scope (every
         row has exactly one owner, the others add zeros, so the sum is exact in any dtype).
@@ -222,7 +295,7 @@ class Engine:
                 return cache.k[layer, rows], cache.v[layer, rows]
             mine = cache.owned_mask(scope)
             rows = cache.to_local(scope[mine])
-            kv = cache.k.new_zeros((2, scope.numel(), *cache.k.shape[2:]))  # [2, m, Hkv, d]
+            kv = cache.k.new_zeros((2, *scope.shape, *cache.k.shape[2:]))  # [2, ..., m, Hkv, d]
             kv[0, mine] = cache.k[layer, rows]
             kv[1, mine] = cache.v[layer, rows]
         kv = self.comm.all_reduce(kv, "scope_kv")
@@ -286,17 +359,19 @@ class Engine:
         return logits
 
     def prefill(self, ids: torch.Tensor, on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Feeds the prompt ``ids [n]`` in chunks of ``scope.chunk``; returns the last token's logits.
+        """Feeds the prompt ``ids [n]`` in chunks of ``scope.chunk``, ``scope.slab`` chunks per forward;
+        returns the last token's logits.
 
         Args:
-            on_chunk: called with the number of tokens of each finished chunk (progress bars).
+            on_chunk: called with the number of tokens of each finished forward (progress bars).
         """
         logits = None
-        for c0 in range(0, ids.shape[0], self.scope.chunk):
-            chunk = ids[c0 : c0 + self.scope.chunk]
-            logits = self.step(chunk)
+        slab = self.scope.chunk * self.scope.slab_on(self.model.device.type)
+        for c0 in range(0, ids.shape[0], slab):
+            piece = ids[c0 : c0 + slab]
+            logits = self.step(piece)
             if on_chunk:
-                on_chunk(chunk.shape[0])
+                on_chunk(piece.shape[0])
         return logits
 
     def generate(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import MemoryPlan, check_memory, plan_memory
+from .cache import MemoryPlan, check_memory, plan_for_scope
 from .config import Config
 from .distributed import Comm
 from .engine import Engine
@@ -52,17 +52,7 @@ def prepare(cfg: Config, capacity: int, comm: Comm) -> Prepared:
     spec = load_spec(source)
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)
-    plan = plan_memory(
-        spec,
-        capacity,
-        dtype,
-        device,
-        chunk=cfg.scope.chunk,
-        max_scope=cfg.scope.max_scope(),
-        full_mode=cfg.scope.mode == "full",
-        world=comm.world,
-        page=cfg.cache.page,
-    )
+    plan = plan_for_scope(spec, cfg.scope, capacity, dtype, device, comm.world, cfg.cache.page)
     check_memory(plan, capacity, comm.world)
     return Prepared(source, spec, device, dtype, plan)
 

@@ -39,14 +39,15 @@ def merge_candidates(
     """Global top-k from every rank's local top-k: exact, since each global winner is in its owner's list.
 
     Args:
-        scores, index: ``[P, c, H, k]`` candidates of all ranks, global indices (-1 for padding).
+        scores, index: ``[P, ..., c, H, k]`` candidates of all ranks, global indices (-1 for padding).
 
     Returns:
-        ``[c, H, topk]`` scores and global indices, ordered by score then lower index.
+        ``[..., c, H, topk]`` scores and global indices, ordered by score then lower index.
     """
-    P, c, H, k = scores.shape
-    s = scores.permute(1, 2, 0, 3).reshape(c, H, P * k)
-    i = index.permute(1, 2, 0, 3).reshape(c, H, P * k)
+    P, k = scores.shape[0], scores.shape[-1]
+    s = scores.movedim(0, -2).flatten(-2)  # [..., c, H, P * k]
+    i = index.movedim(0, -2).flatten(-2)
+    assert s.shape[-1] == P * k
     return sort_topk(s, i, topk)
 
 
@@ -57,19 +58,30 @@ _PAD = torch.iinfo(torch.int64).max  # sorts after every real token index
 class Scope:
     """The tokens one step attends to, in a fixed-size layout with padding.
 
+    Every tensor may carry leading batch dimensions (one scope per chunk of a prefill slab).
+
     Attributes:
-        tokens: ``[M]`` global token indices in scope order (padding entries hold 0).
-        valid: ``[M]`` bool, False for padding; None when every entry is real.
-        positions: ``[M]`` int64 position of each entry inside the scope (``0..|scope|-1`` over the
-            real entries); None for ``0..M-1``.
+        tokens: ``[..., M]`` global token indices in scope order (padding entries hold 0).
+        valid: ``[..., M]`` bool, False for padding; None when every entry is real.
+        positions: ``[..., M]`` int64 position of each entry inside the scope (``0..|scope|-1`` over
+            the real entries); None for ``0..M-1``.
     """
 
     tokens: torch.Tensor
     valid: torch.Tensor | None = None
     positions: torch.Tensor | None = None
 
+    def row(self, b: int) -> Scope:
+        """The scope of chunk ``b`` of a batch."""
+        return Scope(
+            self.tokens[b],
+            None if self.valid is None else self.valid[b],
+            None if self.positions is None else self.positions[b],
+        )
+
     def selected(self) -> torch.Tensor:
-        """The real tokens, ascending (waits for the device: for checks and records only)."""
+        """The real tokens of one scope, ascending (waits for the device: for checks and records only)."""
+        assert self.tokens.dim() == 1, "selected() of a batch: take .row(b) first"
         return self.tokens if self.valid is None else self.tokens[self.valid]
 
 
@@ -81,75 +93,94 @@ def vote(scores: torch.Tensor, index: torch.Tensor, recall_clip: int) -> tuple[t
     the device.
 
     Args:
-        scores, index: ``[c, H, k]`` global top-k per (query token, query head), index -1 for padding.
+        scores, index: ``[..., c, H, k]`` global top-k per (query token, query head), index -1 for
+            padding; leading dimensions are a batch of independent chunks.
 
     Returns:
-        ``(kept, valid)``, both ``[recall_clip]``: kept global indices in rank order, and which are real.
+        ``(kept, valid)``, both ``[..., recall_clip]``: kept global indices in rank order, and which are real.
     """
-    idx, sc = index.flatten(), scores.flatten().float()
-    T = idx.numel()
-    idx, order = torch.where(idx >= 0, idx, _PAD).sort()
-    sc = sc[order]
+    batch = index.shape[:-3]
+    idx = index.reshape(-1, index.shape[-3:].numel())  # [B, T]
+    sc = scores.reshape(idx.shape).float()
+    B, T = idx.shape
+    idx, order = torch.where(idx >= 0, idx, _PAD).sort(dim=1)
+    sc = sc.gather(1, order)
     first = torch.ones_like(idx, dtype=torch.bool)
-    first[1:] = idx[1:] != idx[:-1]
-    seg = first.cumsum(0) - 1  # [T] the distinct token each pick belongs to, ascending
-    uniq = torch.full_like(idx, _PAD).scatter_(0, seg, idx)  # [T] distinct tokens, then _PAD
-    votes = torch.zeros_like(idx).scatter_add_(0, seg, torch.ones_like(idx))
+    first[:, 1:] = idx[:, 1:] != idx[:, :-1]
+    seg = first.cumsum(1) - 1  # [B, T] the distinct token each pick belongs to, ascending
+    uniq = torch.full_like(idx, _PAD).scatter_(1, seg, idx)  # [B, T] distinct tokens, then _PAD
+    votes = torch.zeros_like(idx).scatter_add_(1, seg, torch.ones_like(idx))
     votes = torch.where(uniq != _PAD, votes, -1)  # padding and unused slots rank last
-    best = torch.full((T,), float("-inf"), device=sc.device).scatter_reduce_(0, seg, sc, "amax")
+    best = torch.full((B, T), float("-inf"), device=sc.device).scatter_reduce_(1, seg, sc, "amax")
     # Stable sorts, least significant key first: index asc (already), best desc, votes desc.
-    rank = best.sort(descending=True, stable=True).indices
-    rank = rank[votes[rank].sort(descending=True, stable=True).indices][:recall_clip]
-    kept, valid = uniq[rank], votes[rank] > 0
-    if kept.numel() < recall_clip:
-        pad = recall_clip - kept.numel()
-        kept = torch.cat([kept, kept.new_full((pad,), _PAD)])
-        valid = torch.cat([valid, valid.new_zeros(pad)])
-    return kept, valid
+    rank = best.sort(dim=1, descending=True, stable=True).indices
+    by_votes = votes.gather(1, rank).sort(dim=1, descending=True, stable=True).indices
+    rank = rank.gather(1, by_votes)[:, :recall_clip]
+    kept, valid = uniq.gather(1, rank), votes.gather(1, rank) > 0
+    if kept.shape[1] < recall_clip:
+        pad = recall_clip - kept.shape[1]
+        kept = torch.cat([kept, kept.new_full((B, pad), _PAD)], dim=1)
+        valid = torch.cat([valid, valid.new_zeros((B, pad))], dim=1)
+    return kept.reshape(*batch, recall_clip), valid.reshape(*batch, recall_clip)
 
 
 def widen(
-    kept: torch.Tensor, valid: torch.Tensor, span: int, lo: int, hi: int
+    kept: torch.Tensor, valid: torch.Tensor, span: int, lo: int, hi: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Widens each kept token j to ``[j - span//2, j - span//2 + span)``, clipped to ``[lo, hi)``.
 
     Args:
-        kept, valid: ``[R]`` from :func:`vote`.
+        kept, valid: ``[..., R]`` from :func:`vote`.
+        hi: the end of the middle, an int or ``[...]`` (one per chunk of a batch).
 
     Returns:
-        ``(tokens, valid)``, both ``[R * span]``: the distinct tokens ascending, then padding.
+        ``(tokens, valid)``, both ``[..., R * span]``: the distinct tokens ascending, then padding.
     """
     offsets = torch.arange(span, device=kept.device) - span // 2
-    tokens = kept[:, None] + offsets  # [R, span]
-    ok = valid[:, None] & (tokens >= lo) & (tokens < hi)
-    tokens = torch.where(ok, tokens, _PAD).flatten().sort().values
+    tokens = kept[..., None] + offsets  # [..., R, span]
+    if isinstance(hi, torch.Tensor):
+        hi = hi[..., None, None]
+    ok = valid[..., None] & (tokens >= lo) & (tokens < hi)
+    tokens = torch.where(ok, tokens, _PAD).flatten(-2).sort(dim=-1).values
     dup = torch.zeros_like(tokens, dtype=torch.bool)
-    dup[1:] = tokens[1:] == tokens[:-1]
-    tokens = torch.where(dup, _PAD, tokens).sort().values
+    dup[..., 1:] = tokens[..., 1:] == tokens[..., :-1]
+    tokens = torch.where(dup, _PAD, tokens).sort(dim=-1).values
     valid = tokens != _PAD
     return torch.where(valid, tokens, 0), valid
 
 
-def scope_of(n: int, cfg: ScopeConfig, selected: torch.Tensor, valid: torch.Tensor) -> Scope:
-    """``[sink ; selected ; local]`` in original order, for a cache of ``n > sink + local`` tokens."""
+def scope_of(n: int | torch.Tensor, cfg: ScopeConfig, selected: torch.Tensor, valid: torch.Tensor) -> Scope:
+    """``[sink ; selected ; local]`` in original order, for a cache of ``n > sink + local`` tokens.
+
+    Args:
+        n: tokens in the cache including the chunk: an int, or ``[...]`` matching ``selected [..., m]``.
+    """
     dev = selected.device
-    tokens = torch.cat(
-        [torch.arange(cfg.sink, device=dev), selected, torch.arange(n - cfg.local, n, device=dev)]
-    )
-    ones = torch.ones(cfg.sink, dtype=torch.bool, device=dev)
-    valid = torch.cat([ones, valid, ones.new_ones(cfg.local)])
-    return Scope(tokens, valid, valid.cumsum(0) - 1)
+    batch = selected.shape[:-1]
+    sink = torch.arange(cfg.sink, device=dev).expand(*batch, cfg.sink)
+    if isinstance(n, int):  # (an int is never copied to the device: that copy would wait for it)
+        local = torch.arange(n - cfg.local, n, device=dev).expand(*batch, cfg.local)
+    else:
+        local = n[..., None] - cfg.local + torch.arange(cfg.local, device=dev)
+    tokens = torch.cat([sink, selected, local], dim=-1)
+    ones = torch.ones(cfg.sink, dtype=torch.bool, device=dev).expand(*batch, cfg.sink)
+    valid = torch.cat([ones, valid, ones.new_ones(cfg.local).expand(*batch, cfg.local)], dim=-1)
+    return Scope(tokens, valid, valid.cumsum(-1) - 1)
 
 
-def select_from_candidates(scores: torch.Tensor, index: torch.Tensor, n: int, cfg: ScopeConfig) -> Scope:
+def select_from_candidates(
+    scores: torch.Tensor, index: torch.Tensor, n: int | torch.Tensor, cfg: ScopeConfig
+) -> Scope:
     """Global scope from the all-gathered candidates (identical on every rank).
 
     Args:
-        scores, index: ``[P, c, H, k]`` candidates of all ranks, global indices.
-        n: tokens in the cache including the current chunk.
+        scores, index: ``[P, ..., c, H, k]`` candidates of all ranks, global indices; the dimensions
+            between ``P`` and ``c`` are a batch of chunks, each selected independently.
+        n: tokens in the cache including each chunk: an int, or ``[...]`` on the candidates' device,
+            one per chunk of the batch.
 
     Returns:
-        The scope, ``sink + recall_clip * span + local`` entries whatever the data.
+        The scope(s), ``sink + recall_clip * span + local`` entries each whatever the data.
     """
     s, i = merge_candidates(scores, index, cfg.topk)
     kept, valid = vote(s, i, cfg.recall_clip)

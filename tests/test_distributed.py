@@ -25,6 +25,10 @@ N, NEW, PAGE = 150, 5, 8  # 8-token pages: every rank owns many stripes of the 1
 SCOPES = {
     "reattention": ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=5),
     "full": ScopeConfig(mode="full", sink=4, local=32, chunk=16),
+    # 3 chunks per forward: batched candidates, selection and scope K/V fetch across ranks
+    "reattention-slab": ScopeConfig(
+        mode="reattention", sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=5, slab=3
+    ),
 }
 
 

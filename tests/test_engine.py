@@ -95,3 +95,26 @@ def test_unsupported_architecture_is_refused():
     cfg = tf.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)
     with pytest.raises(ConfigError, match="supported: llama, mistral, qwen2, qwen3"):
         ReAttnModel(tf.GPT2LMHeadModel(cfg))
+
+
+@pytest.mark.parametrize("mode", ["reattention", "streaming", "full"])
+def test_slab_of_chunks_equals_chunk_by_chunk(arch_models, mode):
+    # One forward of several chunks (projections and MLPs over the slab, retrieval and attention
+    # batched over its chunks) gives every chunk the scope and attention it gets alone: same scopes
+    # per (layer, n), logits within fp32 rounding, same greedy tokens. N = 150 with chunk 16 and
+    # slab 4 has a plain prefix, full batches, a batch cut by the slab's end and a short last chunk.
+    _, ours, ids, _, _ = arch_models
+    runs = {}
+    for slab in (1, 4):
+        cfg = ScopeConfig(mode=mode, sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=5, slab=slab)
+        engine = Engine(ours, cfg, capacity=N + 8, record_selection=True)
+        logits = engine.prefill(ids)
+        scopes = sorted((n, layer, s.tolist()) for layer, n, s in engine.selections)
+        runs[slab] = logits, scopes, engine.generate(ids, 6).tokens, engine.profile.as_dict()
+    (l1, s1, t1, p1), (l4, s4, t4, p4) = runs[1], runs[4]
+    torch.testing.assert_close(l4, l1, atol=ATOL, rtol=0)
+    assert s4 == s1 and (mode == "full" or len(s1) == ours.spec.layers * (N // 16 - 2 + 1))
+    assert t4 == t1
+    # the slab ran fewer forwards over the same chunks
+    assert p4["prefill"]["steps"] == -(-N // 64) and p1["prefill"]["steps"] == -(-N // 16)
+    assert p4["prefill"]["layer_steps"] == p1["prefill"]["layer_steps"]

@@ -53,7 +53,9 @@ def test_profile_on_cuda_adds_up_to_the_prefill():
     gen = engine.generate(ids, 4)
     prefill = gen.profile["prefill"]
     assert {"scoring", "selection", "attention", "model"} <= set(prefill["seconds"])
-    assert prefill["tokens"] == N and prefill["steps"] == N // 64 + 1
+    slab = 64 * cfg.slab_on("cuda")  # tokens per prefill forward
+    assert prefill["tokens"] == N and prefill["steps"] == -(-N // slab)
+    assert prefill["layer_steps"] == hf.config.num_hidden_layers * -(-N // 64)
     # Events time the stream; the host's wall clock includes launch latency after the last event.
     assert 0.5 * gen.prefill_seconds < prefill["total_s"] <= 1.05 * gen.prefill_seconds
     assert gen.profile["decode"]["tokens"] == len(gen.tokens) - 1

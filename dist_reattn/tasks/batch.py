@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ..cache import MemoryPlan, plan_memory
+from ..cache import MemoryPlan, plan_for_scope
 from ..config import Config, ConfigError, ScopeConfig, apply_dict
 from ..distributed import Comm
 from ..models.load import load_spec, load_tokenizer, resolve
@@ -92,17 +92,7 @@ class Target:
 
     def plan(self, scope: ScopeConfig, tokens: int, world: int, page: int) -> MemoryPlan:
         """One rank's memory for a cache of ``tokens`` rows run with ``scope``."""
-        return plan_memory(
-            self.spec,
-            tokens,
-            self.dtype,
-            self.device,
-            chunk=scope.chunk,
-            max_scope=scope.max_scope(),
-            full_mode=scope.mode == "full",
-            world=world,
-            page=page,
-        )
+        return plan_for_scope(self.spec, scope, tokens, self.dtype, self.device, world, page)
 
 
 @dataclass
