@@ -206,6 +206,24 @@ def preset_path(name: str) -> Path | None:
     return p if p.is_file() else None
 
 
+def add_model_args(parser: argparse.ArgumentParser, default_model: str = "smollm2-135m") -> None:
+    """The launch scripts' ``--model`` and ``--config`` flags (see :func:`config_for_model`)."""
+    parser.add_argument(
+        "--model",
+        default=default_model,
+        help="bundled name, HF directory, .gguf file, or random:SHAPE (configs/random/, random weights)",
+    )
+    parser.add_argument(
+        "--config", default=None, help="YAML preset (name in configs/ or path); default: the model's"
+    )
+
+
+def config_for_model(model: str, preset: str | None, overrides: list[str]) -> Config:
+    """The run's config: ``preset`` (else the model's own preset, if it has one), ``model.path``, overrides."""
+    preset = preset or (model if preset_path(model) else None)
+    return load_config(preset, [f"model.path={model}", *overrides])
+
+
 def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
     """Builds a validated Config: defaults, then a preset (name in configs/ or a YAML path), then overrides.
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from dist_reattn.config import ConfigError, load_config, parse_args_with_overrides, preset_path
+from dist_reattn.config import ConfigError, add_model_args, config_for_model, parse_args_with_overrides
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.tasks.batch import Preempted, plan_job, run_tasks, stop_on_sigterm
 
@@ -43,10 +43,7 @@ def parse_args(argv: list[str] | None = None):
     )
     p.add_argument("--in", dest="tasks", required=True, help="task file (JSONL, one task per line)")
     p.add_argument("--out", required=True, help="output file (JSONL, one record per task, appended)")
-    p.add_argument("--model", default="smollm2-135m", help="bundled name, HF directory or .gguf file")
-    p.add_argument(
-        "--config", default=None, help="YAML preset (name in configs/ or path); default: the model's"
-    )
+    add_model_args(p)
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="default for tasks without their own (default 64)"
     )
@@ -64,8 +61,7 @@ def validate(args):
         raise ConfigError("--out must not be the --in file")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
-    preset = args.config or (args.model if preset_path(args.model) else None)
-    cfg = load_config(preset, [f"model.path={args.model}", *args.overrides])
+    cfg = config_for_model(args.model, args.config, args.overrides)
     return cfg, tasks, out
 
 

@@ -24,7 +24,14 @@ from pathlib import Path
 
 import torch
 
-from dist_reattn.config import ConfigError, format_count, load_config, parse_args_with_overrides, parse_count
+from dist_reattn.config import (
+    ConfigError,
+    add_model_args,
+    config_for_model,
+    format_count,
+    parse_args_with_overrides,
+    parse_count,
+)
 from dist_reattn.distributed import Comm
 from dist_reattn.engine import Engine
 from dist_reattn.models.adapter import ReAttnModel
@@ -55,7 +62,7 @@ def fit_full(points: list[tuple[int, float]]):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m")
+    add_model_args(p)
     p.add_argument("--len", default="64K,128K", help="comma list of prompt lengths (K = 1024)")
     p.add_argument("--warmup", default="16K", help="a first prefill of this length, not timed")
     p.add_argument("--out", required=True, help="output directory")
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args_with_overrides(p, argv)
     try:
         lengths = [parse_count(x) for x in args.len.split(",")]
-        cfg = load_config(args.model, [f"model.path={args.model}", *args.overrides])
+        cfg = config_for_model(args.model, args.config, args.overrides)
         if not torch.cuda.is_available():
             raise ConfigError("bench_prefill.py needs a CUDA GPU")
         prep = prepare(cfg, max(lengths), Comm.single())

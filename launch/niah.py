@@ -26,11 +26,11 @@ from tqdm import tqdm
 from dist_reattn.config import (
     MODES,
     ConfigError,
+    add_model_args,
+    config_for_model,
     format_count,
-    load_config,
     parse_args_with_overrides,
     parse_count,
-    preset_path,
 )
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.models.load import load_tokenizer
@@ -49,10 +49,7 @@ def parse_args(argv: list[str] | None = None):
         epilog="Config overrides: --section.field=value, e.g. --scope.topk=8 --scope.local=2048 --model.dtype=bf16",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="smollm2-135m", help="bundled name, HF directory or .gguf file")
-    p.add_argument(
-        "--config", default=None, help="YAML preset (name in configs/ or path); default: the model's"
-    )
+    add_model_args(p)
     p.add_argument(
         "--len", default="16K", help="prompt lengths, comma list: 16K,32K (K=1024, M=1024*1024) or ints"
     )
@@ -81,8 +78,7 @@ def validate(args):
             raise ConfigError(f"--mode {m!r} is not one of {', '.join(MODES)}")
     if args.trials < 1 or args.max_new_tokens < 1:
         raise ConfigError("--trials and --max-new-tokens must be >= 1")
-    preset = args.config or (args.model if preset_path(args.model) else None)
-    cfg = load_config(preset, [f"model.path={args.model}", *args.overrides])
+    cfg = config_for_model(args.model, args.config, args.overrides)
     for m in modes:
         dataclasses.replace(cfg.scope, mode=m).validate()
     return cfg, lengths, depths, modes

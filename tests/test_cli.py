@@ -35,6 +35,10 @@ def niah(*args, tmp_path=None):
         (["--scope.topk=-1"], "scope.topk=-1 must be >= 0"),
         (["--model", "/no/such/model"], "model '/no/such/model' not found"),
         (["--len", "50"], "too short to hold the needle and question: use >= "),
+        (
+            ["--model", "random:no-such-shape"],
+            "no shape 'no-such-shape'; use random:NAME with NAME one of llama-3.1-8b",
+        ),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message):
@@ -127,3 +131,28 @@ def test_two_ranks_give_the_same_answers_as_one(tmp_path):
     assert r2[0]["collectives"]["topk_candidates"]["calls"] > 0
     assert r2[0]["collectives"]["decode_partials"]["calls"] > 0 and "scope_kv" in r2[0]["collectives"]
     assert [r["rank"] for r in r2[0]["ranks"]] == [0, 1]
+
+
+def test_random_weight_model_runs_a_trial(tmp_path):
+    # random:DIR builds the config.json's shape with random weights and the bundled tokenizer: the
+    # run completes and records its trial (the answer is noise). The shipped Llama-3.1-8B shape
+    # resolves to its published numbers without building it.
+    shape = tmp_path / "shape"
+    shape.mkdir()
+    config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 49152, "max_position_embeddings": 256,
+        "eos_token_id": 2, "bos_token_id": 1,
+    }  # fmt: skip
+    (shape / "config.json").write_text(json.dumps(config))
+    r = niah("--model", f"random:{shape}", "--len", "600", "--mode", "reattention", "--scope.local=128",
+             "--scope.chunk=64", "--max-new-tokens", "2", tmp_path=tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert record["mode"] == "reattention" and record["len"] >= 590 and record["model"].startswith("random:")
+
+    from dist_reattn.models.load import load_spec, resolve
+
+    spec = load_spec(resolve("random:llama-3.1-8b"))
+    assert (spec.layers, spec.heads, spec.kv_heads, spec.head_dim, spec.vocab) == (32, 32, 8, 128, 128256)

