@@ -152,6 +152,17 @@ class Comm:
             kind, t.numel() * t.element_size(), lambda: dist.all_reduce(t, group=self.group) or t
         )
 
+    def reduce_scatter(self, t: torch.Tensor, kind: str = "reduce_scatter") -> torch.Tensor:
+        """Sums ``t [P, ...]`` over the ranks; returns this rank's slice ``[...]`` of the sum."""
+        if self.world == 1:
+            return t[0]
+        assert t.dim() >= 2 and t.shape[0] == self.world, (t.shape, self.world)
+        out = t.new_empty(t.shape[1:])
+        flat = t.contiguous().flatten(0, 1)  # the input is the ranks' slices concatenated along dim 0
+        # reduce_scatter_single replaces reduce_scatter_tensor in newer torch (same arguments)
+        fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        return self._timed(kind, t.numel() * t.element_size(), lambda: fn(out, flat, group=self.group) or out)
+
     def broadcast_object(self, obj, kind: str = "broadcast_object"):
         """Rank 0's ``obj`` (any picklable value) on every rank."""
         if self.world == 1:

@@ -97,7 +97,6 @@ class Step:
                 return e.attend_partials(layer, q_all[:, 0], scope.row(0), n, scaling)
             keys, values = e.gather(layer, scope.tokens)  # [B, M, Hkv, d]
             with prof.phase("attention"):
-                keys, values = keys[:, :, e.kv_heads], values[:, :, e.kv_heads]  # this rank's KV heads
                 cos, sin = e.rope_table(keys.shape[1])
                 out = scope_attention(
                     q[:, rows].unflatten(1, (count, size)).transpose(0, 1),  # [B, h, c, d]
@@ -256,7 +255,6 @@ class Engine:
         else:
             keys, values = self.gather(layer, torch.arange(n, device=q.device))
         with self.profile.phase("attention"):
-            keys, values = keys[:, self.kv_heads], values[:, self.kv_heads]
             cos, sin = self.rope_table(n)
             out = scope_attention(
                 q[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], cos, sin, scaling
@@ -283,22 +281,38 @@ class Engine:
         return torch.cat(qs), torch.cat(ks), torch.cat(vs)
 
     def gather(self, layer: int, scope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V ``[..., m, Hkv, d]`` (pre-RoPE) of global tokens ``scope [..., m]``, fetched from the ranks that own them.
+        """K/V ``[..., m, h_kv, d]`` (pre-RoPE) of global tokens ``scope [..., m]`` for this rank's KV
+        heads, fetched from the ranks that own the tokens.
 
-        Each rank fills the rows it owns and the sum over ranks assembles the whole scope (every
-        row has exactly one owner, the others add zeros, so the sum is exact in any dtype).
+        Each rank fills the rows it owns and a sum over ranks assembles the scope (every row has
+        exactly one owner, the others add zeros, so the sum is exact in any dtype). Under tensor
+        parallelism each rank needs only its own KV heads: the buffer is laid out by receiving rank
+        and reduce-scattered, so every rank receives just its heads (half the bytes on the wire of an
+        all-reduce of every head). Without it every rank attends with every head: an all-reduce.
         """
-        cache = self.cache
+        cache, comm = self.cache, self.comm
         with self.profile.phase("kv_fetch"):
-            if self.comm.world == 1:
+            if comm.world == 1:
                 rows = cache.to_local(scope)
                 return cache.k[layer, rows], cache.v[layer, rows]
             mine = cache.owned_mask(scope)
             rows = cache.to_local(scope[mine])
-            kv = cache.k.new_zeros((2, *scope.shape, *cache.k.shape[2:]))  # [2, ..., m, Hkv, d]
-            kv[0, mine] = cache.k[layer, rows]
-            kv[1, mine] = cache.v[layer, rows]
-        kv = self.comm.all_reduce(kv, "scope_kv")
+            k, v = cache.k[layer, rows], cache.v[layer, rows]  # [owned, Hkv, d]
+            if not self.model.tensor_parallel:
+                kv = cache.k.new_zeros((2, *scope.shape, *cache.k.shape[2:]))  # [2, ..., m, Hkv, d]
+                kv[0, mine], kv[1, mine] = k, v
+            else:
+                layout = self.model.layout
+                width = max(h for _, h in layout)
+                kv = cache.k.new_zeros((comm.world, 2, *scope.shape, width, cache.k.shape[3]))
+                h0 = 0
+                for r, (_, h) in enumerate(layout):  # rank r's KV heads, padded to the widest rank
+                    kv[r, 0, mine, :h], kv[r, 1, mine, :h] = k[:, h0 : h0 + h], v[:, h0 : h0 + h]
+                    h0 += h
+        if not self.model.tensor_parallel:
+            kv = comm.all_reduce(kv, "scope_kv")
+            return kv[0], kv[1]
+        kv = comm.reduce_scatter(kv, "scope_kv")[..., : layout[comm.rank][1], :]  # [2, ..., m, h_kv, d]
         return kv[0], kv[1]
 
     def attend_partials(
