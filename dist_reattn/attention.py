@@ -21,6 +21,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
+# (device, dtype) -> whether a fused SDPA kernel took enable_gqa with a mask there (learned on first use)
+_GQA_WITH_MASK: dict[tuple[torch.device, torch.dtype], bool] = {}
+
+
 def scope_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -63,14 +67,19 @@ def scope_attention(
     q = apply_rope(q, q_cos, q_sin)
     k = apply_rope(k, k_cos, k_sin)
     gqa = k.shape[1] != H
-    if q.is_cuda and gqa:
-        # SDPA's fused kernels take masks only without enable_gqa; the scope is small enough to expand.
-        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
-        gqa = False
     if positions is not None:
         # query i sees the valid keys at positions up to its own
         mask = valid[:, None, :] & (positions[:, None, :] <= positions[:, m - c :, None])  # [B, c, m]
         mask = mask[:, None]  # [B, 1, c, m], the same for every head
+        if q.is_cuda and gqa and _GQA_WITH_MASK.get((q.device, q.dtype), True):
+            try:  # cuDNN attention takes GQA with a mask: no copy of K/V per query head
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+                _GQA_WITH_MASK[q.device, q.dtype] = True
+                return out.transpose(1, 2)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:  # no fused kernel takes it on this GPU/build: expand the heads below
+                _GQA_WITH_MASK[q.device, q.dtype] = False
     elif q.is_cuda:
         mask = causal_lower_right(c, m)  # dispatched to flash / memory-efficient attention, no [c, m] mask
     elif c > 1:
@@ -79,6 +88,10 @@ def scope_attention(
         mask = cols[None, :] <= rows[:, None]  # [c, m]
     else:
         mask = None
+    if q.is_cuda and gqa:
+        # The fused kernels take masks only without enable_gqa (cuDNN aside): expand K/V to every head.
+        k, v = k.repeat_interleave(H // k.shape[1], 1), v.repeat_interleave(H // k.shape[1], 1)
+        gqa = False
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
     return out.transpose(1, 2)  # [B, c, H, d]
 

@@ -59,3 +59,27 @@ def test_profile_on_cuda_adds_up_to_the_prefill():
     # Events time the stream; the host's wall clock includes launch latency after the last event.
     assert 0.5 * gen.prefill_seconds < prefill["total_s"] <= 1.05 * gen.prefill_seconds
     assert gen.profile["decode"]["tokens"] == len(gen.tokens) - 1
+
+
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (32, 8, 128)])
+def test_masked_gqa_attention_equals_expanded_heads(heads, kv_heads, d):
+    # On CUDA a padded scope attends through SDPA with enable_gqa and the mask (cuDNN), or, where no
+    # fused kernel takes that, with K/V expanded to every head; both must equal expanded heads.
+    from dist_reattn.attention import scope_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    B, c, m = 2, 64, 320
+    q = torch.randn(B, heads, c, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = torch.randn(B, kv_heads, m, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    v = torch.randn_like(k)
+    valid = torch.rand(B, m, device="cuda", generator=gen) < 0.7
+    valid[:, -c:] = True
+    positions = valid.cumsum(-1) - 1
+    cos = torch.randn(m, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    sin = torch.randn_like(cos)
+    g = heads // kv_heads
+    got = scope_attention(q, k, v, cos, sin, 0.125, positions, valid)
+    want = scope_attention(
+        q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1), cos, sin, 0.125, positions, valid
+    )
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
