@@ -154,13 +154,12 @@ class Engine:
             self.comm.world,
             page,
         )
-        # The heads this rank attends with: all, or its tensor-parallel share.
-        self.q_heads = self.kv_heads = slice(None)
+        # The query heads this rank attends with: all, or its tensor-parallel share (its KV heads
+        # arrive already sliced from `gather`).
+        self.q_heads = slice(None)
         if model.tensor_parallel:
-            before = model.layout[: self.comm.rank]
-            hq, hkv = model.layout[self.comm.rank]
-            q0, kv0 = sum(h for h, _ in before), sum(h for _, h in before)
-            self.q_heads, self.kv_heads = slice(q0, q0 + hq), slice(kv0, kv0 + hkv)
+            q0 = sum(h for h, _ in model.layout[: self.comm.rank])
+            self.q_heads = slice(q0, q0 + model.layout[self.comm.rank][0])
         if decode not in ("lse", "gather"):
             raise ValueError(f"decode={decode!r}: use lse or gather")
         self.decode = decode
@@ -223,10 +222,8 @@ class Engine:
                 self.check_and_record(layer, end, scope.row(b))
         return scope
 
-    def check_and_record(self, layer: int, n: int, scope: Scope | None) -> None:
+    def check_and_record(self, layer: int, n: int, scope: Scope) -> None:
         """The debug options: cross-rank agreement on a chunk's scope, and its record."""
-        if scope is None:
-            return
         if self.check_consensus:
             chosen = scope.selected()
             self.comm.check_same(
@@ -287,8 +284,9 @@ class Engine:
         Each rank fills the rows it owns and a sum over ranks assembles the scope (every row has
         exactly one owner, the others add zeros, so the sum is exact in any dtype). Under tensor
         parallelism each rank needs only its own KV heads: the buffer is laid out by receiving rank
-        and reduce-scattered, so every rank receives just its heads (half the bytes on the wire of an
-        all-reduce of every head). Without it every rank attends with every head: an all-reduce.
+        and reduce-scattered, so every rank receives just its heads (a reduce-scatter moves half the
+        bytes of an all-reduce of the same buffer). Without it every rank attends with every head:
+        an all-reduce.
         """
         cache, comm = self.cache, self.comm
         with self.profile.phase("kv_fetch"):

@@ -44,10 +44,8 @@ def merge_candidates(
     Returns:
         ``[..., c, H, topk]`` scores and global indices, ordered by score then lower index.
     """
-    P, k = scores.shape[0], scores.shape[-1]
     s = scores.movedim(0, -2).flatten(-2)  # [..., c, H, P * k]
     i = index.movedim(0, -2).flatten(-2)
-    assert s.shape[-1] == P * k
     return sort_topk(s, i, topk)
 
 
