@@ -33,6 +33,7 @@ def niah(*args, tmp_path=None):
         (["--mode", "full,dense"], "'dense' is not one of"),
         (["--scope.chunk=0"], "scope.chunk=0 must be > 0"),
         (["--scope.topk=-1"], "scope.topk=-1 must be >= 0"),
+        (["--scope.slab=-1"], "scope.slab=-1 must be >= 0 (0 picks 16 on a GPU, 1 on a CPU)"),
         (["--model", "/no/such/model"], "model '/no/such/model' not found"),
         (["--len", "50"], "too short to hold the needle and question: use >= "),
         (
