@@ -293,19 +293,20 @@ class Engine:
             if comm.world == 1:
                 rows = cache.to_local(scope)
                 return cache.k[layer, rows], cache.v[layer, rows]
-            mine = cache.owned_mask(scope)
+            mine = cache.owned_mask(scope).nonzero(as_tuple=True)  # one host sync, reused below
             rows = cache.to_local(scope[mine])
             k, v = cache.k[layer, rows], cache.v[layer, rows]  # [owned, Hkv, d]
             if not self.model.tensor_parallel:
                 kv = cache.k.new_zeros((2, *scope.shape, *cache.k.shape[2:]))  # [2, ..., m, Hkv, d]
-                kv[0, mine], kv[1, mine] = k, v
+                kv[0][mine], kv[1][mine] = k, v
             else:
                 layout = self.model.layout
                 width = max(h for _, h in layout)
                 kv = cache.k.new_zeros((comm.world, 2, *scope.shape, width, cache.k.shape[3]))
                 h0 = 0
                 for r, (_, h) in enumerate(layout):  # rank r's KV heads, padded to the widest rank
-                    kv[r, 0, mine, :h], kv[r, 1, mine, :h] = k[:, h0 : h0 + h], v[:, h0 : h0 + h]
+                    heads = (*mine, slice(0, h))
+                    kv[r, 0][heads], kv[r, 1][heads] = k[:, h0 : h0 + h], v[:, h0 : h0 + h]
                     h0 += h
         if not self.model.tensor_parallel:
             kv = comm.all_reduce(kv, "scope_kv")
