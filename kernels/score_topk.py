@@ -9,13 +9,19 @@ with score ``-inf`` and index ``-1``.
 The ``[c, N]`` score matrix is never materialized: the reference walks the keys in blocks and
 keeps a running top-k; the Triton kernel keeps it in registers.
 
-Kernel layout: one program per (block of ``BLOCK_M`` query rows of one KV head, split of the key
-range, KV head). The rows of a KV head are its ``g * c`` query rows (GQA packing: one K tile serves
-all heads of the group), row ``r = i * g + gi`` for token ``i`` and head ``kvh * g + gi``. Each
-program walks its split in tiles of ``BLOCK_N`` keys, scores a tile with ``tl.dot`` (fp32
-accumulate) and merges it into a per-row top-k list; a tile whose rows all stay at or below their
-k-th best costs one row max. Each split writes an unsorted partial list; a second small kernel merges
-the ``splits * topk`` candidates of each row into the sorted result.
+Two Triton paths, the same results:
+
+* One-pass (decode, and topk > 4): one program per (block of ``BLOCK_M`` query rows of one KV
+  head, split of the key range, KV head). The rows of a KV head are its ``g * c`` query rows (GQA
+  packing: one K tile serves all heads of the group), row ``r = i * g + gi`` for token ``i`` and
+  head ``kvh * g + gi``. Each program walks its split in tiles of ``BLOCK_N`` keys, scores a tile
+  with ``tl.dot`` (fp32 accumulate) and merges it into a per-row top-k list; a tile whose rows all
+  stay at or below their k-th best costs one row max. Each split writes an unsorted partial list; a
+  second small kernel merges the ``splits * topk`` candidates of each row into the sorted result.
+* Two-pass (prefill at topk <= 4, the default there): the same programs keep only each row's four
+  largest tile maxima (no merge in the scan); a small kernel picks each row's k best tiles; a
+  second pass runs the exact merge over just those tiles. See :func:`_two_pass` for why no winner
+  can be missed.
 """
 
 from __future__ import annotations
@@ -184,6 +190,72 @@ if triton is not None:
         return best_v, best_i, thr, worst_i
 
     @triton.jit
+    def _load_q(q_ptr, pid_m, kvh, n_rows, group, stride_qc, stride_qh, HEAD_DIM, BLOCK_M, UPCAST):
+        """One block of GQA-packed query rows of KV head ``kvh``: returns ``(row_ok, tok, head, q)``,
+        ``q`` [BLOCK_M, HEAD_DIM] (zeros past ``n_rows``)."""
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = token * group + head-in-group
+        row_ok = rows < n_rows
+        tok = (rows // group).to(tl.int64)
+        head = kvh * group + rows % group
+        dims = tl.arange(0, HEAD_DIM)
+        q = tl.load(
+            q_ptr + tok[:, None] * stride_qc + head[:, None] * stride_qh + dims[None, :],
+            mask=row_ok[:, None],
+            other=0.0,
+        )
+        if UPCAST:  # interpreter: tl.dot on bf16 is wrong there
+            q = q.to(tl.float32)
+        return row_ok, tok, head, q
+
+    @triton.jit
+    def _split_tiles(k_ptr, kvh, pid_s, start, end, split_len, stride_kn, stride_kh, HEAD_DIM, BLOCK_N):
+        """Split ``pid_s`` of the key range: ``(lo, hi, n_full, offs_n, k_tile)``, its keys
+        ``[lo, hi)``, its whole tiles and the [HEAD_DIM, BLOCK_N] pointers of its first tile."""
+        lo = start + pid_s * split_len
+        hi = tl.minimum(lo + split_len, end)
+        n_full = tl.maximum(hi - lo, 0) // BLOCK_N
+        offs_n = tl.arange(0, BLOCK_N)
+        dims = tl.arange(0, HEAD_DIM)
+        # 64-bit base: N * Hkv * d overflows int32 at a few million keys.
+        k_tile = k_ptr + kvh * stride_kh + lo.to(tl.int64) * stride_kn
+        k_tile += offs_n[None, :] * stride_kn + dims[:, None]
+        return lo, hi, n_full, offs_n, k_tile
+
+    @triton.jit
+    def _score(q, kt, UPCAST, IEEE):
+        """``q @ kt`` in fp32 ([BLOCK_M, HEAD_DIM] x [HEAD_DIM, BLOCK_N])."""
+        if UPCAST:
+            kt = kt.to(tl.float32)
+        if IEEE:
+            s = tl.dot(q, kt, input_precision="ieee")
+        else:
+            s = tl.dot(q, kt)
+        return s
+
+    @triton.jit
+    def _empty_lists(row_ok, TOPK, TOPK_PAD, BLOCK_M):
+        """Per-row top-k lists with nothing kept: ``(best_v, best_i, thr, worst_i)``. Slots past TOPK
+        (and all slots of padding rows) hold +inf so they are never the worst; empty slots hold -inf
+        and distinct negative indices."""
+        slots = tl.arange(0, TOPK_PAD)
+        best_v = tl.where(row_ok[:, None] & (slots[None, :] < TOPK), float("-inf"), float("inf"))
+        best_i = tl.zeros([BLOCK_M, TOPK_PAD], dtype=tl.int32) - 1 - slots[None, :]
+        thr = tl.min(best_v, axis=1)
+        worst_i = tl.max(tl.where(best_v == thr[:, None], best_i, -2147483647), axis=1)
+        return best_v, best_i, thr, worst_i
+
+    @triton.jit
+    def _store_sorted(v, ix, out_v_ptr, out_i_ptr, o_off, row_ok, TOPK):
+        """Writes each row's TOPK best of ``v``/``ix`` (distinct indices; padding -inf/-1) sorted:
+        score descending, index ascending; once only padding is left, (-inf, -1)."""
+        for r in tl.static_range(TOPK):
+            m = tl.max(v, axis=1)
+            j = tl.min(tl.where(v == m[:, None], ix, 9223372036854775807), axis=1)
+            tl.store(out_v_ptr + o_off + r, m, mask=row_ok)
+            tl.store(out_i_ptr + o_off + r, j, mask=row_ok)
+            v = tl.where(ix == j[:, None], float("-inf"), v)
+
+    @triton.jit
     def _score_topk_kernel(
         # pointers
         q_ptr,
@@ -219,43 +291,17 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         kvh = tl.program_id(2)
-
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = token * group + head-in-group
-        row_ok = rows < n_rows
-        tok = (rows // group).to(tl.int64)
-        head = kvh * group + rows % group
-        dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(
-            q_ptr + tok[:, None] * stride_qc + head[:, None] * stride_qh + dims[None, :],
-            mask=row_ok[:, None],
-            other=0.0,
-        )  # [BLOCK_M, HEAD_DIM]
-        if UPCAST:  # interpreter: tl.dot on bf16 is wrong there
-            q = q.to(tl.float32)
-
-        # Slots past TOPK (and all slots of padding rows) hold +inf so they are never the worst;
-        # empty slots hold -inf and distinct negative indices.
+        row_ok, tok, head, q = _load_q(
+            q_ptr, pid_m, kvh, n_rows, group, stride_qc, stride_qh, HEAD_DIM, BLOCK_M, UPCAST
+        )
+        best_v, best_i, thr, worst_i = _empty_lists(row_ok, TOPK, TOPK_PAD, BLOCK_M)
         slots = tl.arange(0, TOPK_PAD)
-        best_v = tl.where(row_ok[:, None] & (slots[None, :] < TOPK), float("-inf"), float("inf"))
-        best_i = tl.zeros([BLOCK_M, TOPK_PAD], dtype=tl.int32) - 1 - slots[None, :]
-        thr = tl.min(best_v, axis=1)
-        worst_i = tl.max(tl.where(best_v == thr[:, None], best_i, -2147483647), axis=1)
 
-        lo = start + pid_s * split_len
-        hi = tl.minimum(lo + split_len, end)
-        n_full = tl.maximum(hi - lo, 0) // BLOCK_N
-        offs_n = tl.arange(0, BLOCK_N)
-        # 64-bit base: N * Hkv * d overflows int32 at a few million keys.
-        k_tile = k_ptr + kvh * stride_kh + lo.to(tl.int64) * stride_kn
-        k_tile += offs_n[None, :] * stride_kn + dims[:, None]  # [HEAD_DIM, BLOCK_N] pointers
+        lo, hi, n_full, offs_n, k_tile = _split_tiles(
+            k_ptr, kvh, pid_s, start, end, split_len, stride_kn, stride_kh, HEAD_DIM, BLOCK_N
+        )
         for t in range(0, n_full):
-            kt = tl.load(k_tile)  # [HEAD_DIM, BLOCK_N]
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)  # [BLOCK_M, BLOCK_N] fp32
+            s = _score(q, tl.load(k_tile), UPCAST, IEEE)  # [BLOCK_M, BLOCK_N] fp32
             if SCORE_ONLY:  # benchmark floor: scores and a row max, no top-k (results meaningless)
                 best_v = tl.maximum(best_v, tl.max(s, axis=1)[:, None])
             else:
@@ -266,13 +312,7 @@ if triton is not None:
         tail = lo + n_full * BLOCK_N
         if tail < hi:  # ragged last tile, masked
             col_ok = tail + offs_n < hi
-            kt = tl.load(k_tile, mask=col_ok[None, :], other=0.0)
-            if UPCAST:
-                kt = kt.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
-            else:
-                s = tl.dot(q, kt)
+            s = _score(q, tl.load(k_tile, mask=col_ok[None, :], other=0.0), UPCAST, IEEE)
             s = tl.where(col_ok[None, :], s, float("-inf"))
             best_v, best_i, thr, worst_i = _merge_tile(s, offs_n, tail, best_v, best_i, thr, worst_i, MERGE)
 
@@ -305,15 +345,222 @@ if triton is not None:
         off = rows.to(tl.int64)[:, None] * n_cand + cand[None, :]
         v = tl.load(part_v_ptr + off, mask=ok, other=float("-inf"))  # [BLOCK_R, CAND_PAD]
         ix = tl.load(part_i_ptr + off, mask=ok, other=-1)
-        o_off = rows.to(tl.int64) * TOPK
-        for r in tl.static_range(TOPK):
-            m = tl.max(v, axis=1)
-            # Candidate indices are distinct (padding is -1 at -inf), so the lowest index among the
-            # row maxima names one candidate; once only padding is left this gives (-inf, -1).
-            j = tl.min(tl.where(v == m[:, None], ix, 9223372036854775807), axis=1)
-            tl.store(out_v_ptr + o_off + r, m, mask=row_ok)
-            tl.store(out_i_ptr + o_off + r, j, mask=row_ok)
-            v = tl.where(ix == j[:, None], float("-inf"), v)
+        # Candidate indices are distinct (padding is -1 at -inf).
+        _store_sorted(v, ix, out_v_ptr, out_i_ptr, rows.to(tl.int64) * TOPK, row_ok, TOPK)
+
+    @triton.jit
+    def _keep4(m, t, a0, a1, a2, a3, t0, t1, t2, t3):
+        """Puts each row's tile max ``m`` (of tile ``t``, later than every tile kept) into the row's
+        four best tile maxima ``a0 >= a1 >= a2 >= a3`` (tiles ``t0..t3``); an equal maximum keeps the
+        earlier tile ahead. Elementwise on the rows: no reduction, no layout change."""
+        c0 = m > a0
+        c1 = m > a1
+        c2 = m > a2
+        c3 = m > a3
+        a3 = tl.where(c2, a2, tl.where(c3, m, a3))
+        t3 = tl.where(c2, t2, tl.where(c3, t, t3))
+        a2 = tl.where(c1, a1, tl.where(c2, m, a2))
+        t2 = tl.where(c1, t1, tl.where(c2, t, t2))
+        a1 = tl.where(c0, a0, tl.where(c1, m, a1))
+        t1 = tl.where(c0, t0, tl.where(c1, t, t1))
+        a0 = tl.where(c0, m, a0)
+        t0 = tl.where(c0, t, t0)
+        return a0, a1, a2, a3, t0, t1, t2, t3
+
+    @triton.jit
+    def _tile_max_kernel(
+        # pointers
+        q_ptr,
+        k_ptr,
+        cand_a_ptr,
+        cand_t_ptr,
+        # sizes
+        n_rows,
+        group,
+        start,
+        end,
+        split_len,
+        # strides (the candidate buffers are contiguous [Hkv, rows, splits * 4])
+        stride_qc,
+        stride_qh,
+        stride_kn,
+        stride_kh,
+        stride_ch,
+        stride_cr,
+        # meta
+        HEAD_DIM: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE: tl.constexpr,
+    ):
+        """First pass of the two-pass top-k: per row, the four largest tile maxima of one split and
+        their tiles (tile ``t`` = keys ``start + t * BLOCK_N`` onward). Per tile: one dot, one row max
+        and an elementwise insertion; no block-wide test, so large tiles cost no extra merges."""
+        pid_m = tl.program_id(0)
+        pid_s = tl.program_id(1)
+        kvh = tl.program_id(2)
+        row_ok, tok, head, q = _load_q(
+            q_ptr, pid_m, kvh, n_rows, group, stride_qc, stride_qh, HEAD_DIM, BLOCK_M, UPCAST
+        )
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+
+        a0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        a1 = a0
+        a2 = a0
+        a3 = a0
+        t0 = tl.full([BLOCK_M], 2147483647, tl.int32)  # NO_TILE
+        t1 = t0
+        t2 = t0
+        t3 = t0
+
+        lo, hi, n_full, offs_n, k_tile = _split_tiles(
+            k_ptr, kvh, pid_s, start, end, split_len, stride_kn, stride_kh, HEAD_DIM, BLOCK_N
+        )
+        tile0 = pid_s * (split_len // BLOCK_N)
+        for t in range(0, n_full):
+            s = _score(q, tl.load(k_tile), UPCAST, IEEE)
+            a0, a1, a2, a3, t0, t1, t2, t3 = _keep4(
+                tl.max(s, axis=1), tile0 + t, a0, a1, a2, a3, t0, t1, t2, t3
+            )
+            k_tile += BLOCK_N * stride_kn
+        tail = lo + n_full * BLOCK_N
+        if tail < hi:
+            col_ok = tail + offs_n < hi
+            s = _score(q, tl.load(k_tile, mask=col_ok[None, :], other=0.0), UPCAST, IEEE)
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+            a0, a1, a2, a3, t0, t1, t2, t3 = _keep4(
+                tl.max(s, axis=1), tile0 + n_full, a0, a1, a2, a3, t0, t1, t2, t3
+            )
+
+        # Every row of the grid is written; rows past n_rows name no tile.
+        off = kvh * stride_ch + rows.to(tl.int64) * stride_cr + pid_s * 4
+        tl.store(cand_a_ptr + off, a0)
+        tl.store(cand_a_ptr + off + 1, a1)
+        tl.store(cand_a_ptr + off + 2, a2)
+        tl.store(cand_a_ptr + off + 3, a3)
+        tl.store(cand_t_ptr + off, tl.where(row_ok, t0, 2147483647))
+        tl.store(cand_t_ptr + off + 1, tl.where(row_ok, t1, 2147483647))
+        tl.store(cand_t_ptr + off + 2, tl.where(row_ok, t2, 2147483647))
+        tl.store(cand_t_ptr + off + 3, tl.where(row_ok, t3, 2147483647))
+
+    @triton.jit
+    def _plan_kernel(
+        cand_a_ptr,
+        cand_t_ptr,
+        tau_ptr,
+        ids_ptr,
+        count_ptr,
+        n_cand,
+        rows_pad,
+        n_blocks,
+        TOPK: tl.constexpr,
+        TOPK_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        CAND_PAD: tl.constexpr,
+    ):
+        """Between the passes, per block of ``BLOCK_M`` rows of one KV head: each row's TOPK best
+        listed tiles (tile max descending, then tile ascending), its bound ``tau`` (the TOPK-th of
+        those maxima), and the block's tiles to revisit, once each, ascending, then NO_TILE."""
+        pid = tl.program_id(0)
+        kvh = tl.program_id(1)
+        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, CAND_PAD)
+        ok = (cols < n_cand)[None, :] & (rows < rows_pad)[:, None]
+        off = (kvh * rows_pad + rows).to(tl.int64)[:, None] * n_cand + cols[None, :]
+        a = tl.load(cand_a_ptr + off, mask=ok, other=float("-inf"))
+        t = tl.load(cand_t_ptr + off, mask=ok, other=2147483647)
+        slots = tl.arange(0, TOPK_PAD)
+        pick = tl.full([BLOCK_M, TOPK_PAD], 2147483647, tl.int32)
+        tau = tl.max(a, axis=1)
+        for r in tl.static_range(TOPK):  # a row's tiles are distinct, so the tile names the entry
+            tau = tl.max(a, axis=1)
+            j = tl.min(tl.where(a == tau[:, None], t, 2147483647), axis=1)
+            pick = tl.where(slots[None, :] == r, j[:, None], pick)
+            a = tl.where(t == j[:, None], float("-inf"), a)
+        tl.store(tau_ptr + kvh * rows_pad + rows, tau)
+        # The block's picks go through its slice of ``ids`` to come back as one flat vector.
+        block_ids = ids_ptr + (kvh * n_blocks + pid).to(tl.int64) * (BLOCK_M * TOPK_PAD)
+        tl.store(block_ids + rows[:, None] % BLOCK_M * TOPK_PAD + slots[None, :], pick)
+        tl.debug_barrier()
+        n = tl.arange(0, BLOCK_M * TOPK_PAD)
+        ids = tl.load(block_ids + n)
+        tl.debug_barrier()
+        # A tile listed earlier in the block is a repeat: dropped (NO_TILE). Each remaining tile goes
+        # to its rank among them, so the list is ascending.
+        seen = (ids[:, None] == ids[None, :]) & (n[None, :] < n[:, None])
+        ids = tl.where(tl.max(seen.to(tl.int32), axis=1) > 0, 2147483647, ids)
+        rank = tl.sum((ids[None, :] < ids[:, None]).to(tl.int32), axis=1)
+        real = ids != 2147483647
+        tl.store(block_ids + rank, ids, mask=real)
+        tl.store(count_ptr + kvh * n_blocks + pid, tl.sum(real.to(tl.int32), axis=0))
+
+    @triton.jit
+    def _revisit_kernel(
+        # pointers
+        q_ptr,
+        k_ptr,
+        tau_ptr,
+        ids_ptr,
+        count_ptr,
+        out_v_ptr,
+        out_i_ptr,
+        # sizes
+        n_rows,
+        group,
+        start,
+        end,
+        n_ids,
+        n_blocks,
+        rows_pad,
+        # strides
+        stride_qc,
+        stride_qh,
+        stride_kn,
+        stride_kh,
+        stride_oc,
+        stride_oh,
+        # meta
+        HEAD_DIM: tl.constexpr,
+        TOPK: tl.constexpr,
+        TOPK_PAD: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        UPCAST: tl.constexpr,
+        IEEE: tl.constexpr,
+        MERGE: tl.constexpr,
+    ):
+        """Second pass: exact, sorted top-k of one block of rows over the ``count`` distinct tiles,
+        ascending, that :func:`_plan_kernel` listed for it. A score below its row's bound ``tau``
+        (the k-th largest tile max: no key under it can be among the k best) is left out."""
+        pid_m = tl.program_id(0)
+        kvh = tl.program_id(1)
+        row_ok, tok, head, q = _load_q(
+            q_ptr, pid_m, kvh, n_rows, group, stride_qc, stride_qh, HEAD_DIM, BLOCK_M, UPCAST
+        )
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        tau = tl.load(tau_ptr + kvh * rows_pad + rows, mask=row_ok, other=float("inf"))
+        best_v, best_i, thr, worst_i = _empty_lists(row_ok, TOPK, TOPK_PAD, BLOCK_M)
+        dims = tl.arange(0, HEAD_DIM)
+
+        blk = kvh * n_blocks + pid_m
+        count = tl.minimum(tl.load(count_ptr + blk), n_ids)
+        ids = ids_ptr + blk.to(tl.int64) * n_ids
+        offs_n = tl.arange(0, BLOCK_N)
+        k_head = k_ptr + kvh * stride_kh + dims[:, None]
+        for i in range(0, count):
+            base = start + tl.load(ids + i) * BLOCK_N
+            keys = base + offs_n
+            col_ok = keys < end
+            kt = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn, mask=col_ok[None, :], other=0.0)
+            s = _score(q, kt, UPCAST, IEEE)
+            s = tl.where(col_ok[None, :] & (s >= tau[:, None]), s, float("-inf"))
+            best_v, best_i, thr, worst_i = _merge_tile(s, offs_n, base, best_v, best_i, thr, worst_i, MERGE)
+
+        slots = tl.arange(0, TOPK_PAD)
+        v = tl.where((best_i < 0) | (slots[None, :] >= TOPK), float("-inf"), best_v)
+        ix = tl.where(best_i < 0, -1, best_i).to(tl.int64)
+        _store_sorted(v, ix, out_v_ptr, out_i_ptr, tok * stride_oc + head * stride_oh, row_ok, TOPK)
 
     INTERPRETED = type(_score_topk_kernel).__name__ == "InterpretedFunction"
 
@@ -333,26 +580,52 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
-def _default_config(n_rows: int, head_dim: int, topk: int) -> dict:
-    """Tile shapes by the rows one KV head serves (``g * c``): few in decode, many in prefill."""
+def default_config(n_rows: int, head_dim: int, topk: int, two_pass: bool | None = None) -> dict:
+    """Launch config by the rows one KV head serves (``g * c``: few in decode, many in prefill).
+
+    ``two_pass`` None picks the path: two-pass for prefill at ``topk <= 4``, one-pass elsewhere.
+    """
+    if two_pass is None:
+        two_pass = topk <= 4 and n_rows >= TWO_PASS_MIN_ROWS
     if INTERPRETED:  # every program costs ~2 ms there; small tiles keep the masked paths exercised
         return {
             "BLOCK_M": max(16, min(32, _next_pow2(n_rows))),
             "BLOCK_N": 32,
             "num_warps": 4,
             "num_stages": 1,
+            "TWO_PASS": two_pass,
+            "BLOCK_M2": 16,
         }
-    # From the H100 sweeps (kernels/NOTES.md): the top-k merge, not the dot, sets the time. A tile
-    # of 64 x 64 has a quarter of the rows x keys of 128 x 128 per "does any row need an update"
-    # test, so far fewer tiles take the merge path; at d = 128 with topk <= 4 updates are rare
-    # enough that 128 x 128 (the faster dot) wins. The packed one-pass merge (MERGE 0) wins in
+    # From the H100 sweeps (kernels/NOTES.md). The two-pass path's first pass has no merge, so it
+    # takes the tiles where the dot is fastest (256 x 64). In the one-pass kernel the merge, not the
+    # dot, sets the time: a tile of 64 x 64 has a quarter of the rows x keys of 128 x 128 per "does
+    # any row need an update" test, so far fewer tiles take the merge path; at d = 128 with topk <= 4
+    # updates are rare enough that 128 x 128 wins. The packed one-pass merge (MERGE 0) wins in
     # prefill; decode keeps v2's two-pass fast path (MERGE 1).
+    if two_pass:
+        return {"BLOCK_M": min(256, max(16, _next_pow2(n_rows))), "BLOCK_N": 64,
+                "num_warps": 8 if head_dim >= 128 else 4, "num_stages": 3, "TWO_PASS": True, "BLOCK_M2": 16,
+                "num_warps2": 1, "num_stages2": 3}  # fmt: skip
     if n_rows <= 16:  # decode: bandwidth-bound
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MERGE": 1}
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MERGE": 1, "TWO_PASS": False}
     if head_dim >= 128 and topk <= 4 and n_rows >= 128:
-        return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4, "num_stages": 2, "MERGE": 0}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MERGE": 0}
+        return {
+            "BLOCK_M": 128,
+            "BLOCK_N": 128,
+            "num_warps": 4,
+            "num_stages": 2,
+            "MERGE": 0,
+            "TWO_PASS": False,
+        }
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MERGE": 0, "TWO_PASS": False}
 
+
+# Prefill (rows per KV head, g * c) from which topk <= 4 takes the two-pass path by default.
+TWO_PASS_MIN_ROWS = 128
+# Tile number that names no tile (sorts after every real one).
+NO_TILE = 2**31 - 1
+_CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "MERGE", "SCORE_ONLY", "TWO_PASS",
+                "BLOCK_M2", "num_warps2", "num_stages2"}  # fmt: skip
 
 _SM_COUNT: dict[int, int] = {}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -376,6 +649,14 @@ def _default_splits(n_keys: int, programs_per_split: int, block_n: int, topk_pad
     return max(1, min(want, n_keys // (8 * block_n), MAX_CANDIDATES // topk_pad))
 
 
+def _split(n_keys: int, splits: int, block_n: int) -> tuple[int, int]:
+    """``(splits, split_len)``: whole tiles per split, and no split left empty."""
+    split_len = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
+    splits = max(1, triton.cdiv(n_keys, split_len))
+    assert splits <= 65535, f"too many splits: {splits}"
+    return splits, split_len
+
+
 def score_topk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -394,10 +675,12 @@ def score_topk(
         start, end: key rows ``[start, end)``; ``0 <= start <= end <= N``.
         topk: keys kept per (token, head), ``1 <= topk <= MAX_TOPK``.
         splits: key-range splits per row block (default: enough to fill the GPU).
-        config: overrides of ``BLOCK_M``, ``BLOCK_N`` (<= 256), ``num_warps``, ``num_stages``,
-            ``MERGE`` (0: one packed pass finds the single entry above a row's threshold, the
-            default; 1: two passes) and ``SCORE_ONLY`` (benchmark floor: scores only, wrong
-            results); for benchmarks.
+        config: overrides, for benchmarks: ``BLOCK_M``, ``BLOCK_N`` (<= 256), ``num_warps``,
+            ``num_stages``; ``TWO_PASS`` (topk <= 4 only: tile maxima first, then an exact top-k
+            over the tiles that can hold a winner; the prefill default), with ``BLOCK_M2``,
+            ``num_warps2`` and ``num_stages2`` for its second pass; for the one-pass kernel ``MERGE`` (0: one packed
+            pass finds the single entry above a row's threshold, the default; 1: two passes) and
+            ``SCORE_ONLY`` (benchmark floor: scores only, wrong results).
 
     Returns:
         ``(scores, index)``: ``[c, H, topk]`` fp32 and int64, as :func:`score_topk_ref`.
@@ -417,20 +700,52 @@ def score_topk(
     assert 1 <= topk <= MAX_TOPK, f"topk must be in [1, {MAX_TOPK}], got {topk}"
 
     g = H // Hkv
-    n_rows, n_keys = g * c, end - start
-    cfg = {**_default_config(n_rows, d, topk), **(config or {})}
-    unknown = set(cfg) - {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "MERGE", "SCORE_ONLY"}
+    n_rows = g * c
+    cfg = {**default_config(n_rows, d, topk, (config or {}).get("TWO_PASS")), **(config or {})}
+    unknown = set(cfg) - _CONFIG_KEYS
     assert not unknown, f"unknown config keys: {sorted(unknown)}"
+    assert cfg["BLOCK_N"] <= 256, (
+        f"BLOCK_N {cfg['BLOCK_N']} > 256: the packed count/column sum would overflow"
+    )
+    if cfg.get("TWO_PASS"):
+        assert topk <= 4, f"TWO_PASS keeps four tile maxima per row: topk {topk} > 4"
+        assert not cfg.get("SCORE_ONLY"), "SCORE_ONLY is a one-pass option: add TWO_PASS=False"
+        return _two_pass(q, k, start, end, topk, splits, cfg)
+    part_v, part_i = _one_pass(q, k, start, end, topk, splits, cfg)
+
+    out_v = torch.empty((c, H, topk), dtype=torch.float32, device=q.device)
+    out_i = torch.empty((c, H, topk), dtype=torch.int64, device=q.device)
+    n_cand = part_v.shape[2] * topk
+    cand_pad = _next_pow2(n_cand)
+    block_r = max(1, min(128, 4096 // cand_pad))
+    _merge_splits_kernel[(triton.cdiv(c * H, block_r),)](
+        part_v,
+        part_i,
+        out_v,
+        out_i,
+        c * H,
+        n_cand,
+        TOPK=topk,
+        CAND_PAD=cand_pad,
+        BLOCK_R=block_r,
+        num_warps=4,
+    )
+    return out_v, out_i
+
+
+def _one_pass(q, k, start, end, topk, splits, cfg):
+    """Unsorted top-k per (token, head, split): ``[c, H, splits, topk]`` scores and indices."""
+    c, H, d = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv
+    n_rows, n_keys = g * c, end - start
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    assert block_n <= 256, f"BLOCK_N {block_n} > 256: the packed count/column sum would overflow"
     topk_pad = max(2, _next_pow2(topk))
     row_blocks = triton.cdiv(n_rows, block_m)
     if splits is None:
         splits = _default_splits(n_keys, row_blocks * Hkv, block_n, topk_pad, _sm_count(q.device))
-    # Whole tiles per split; drop splits that would be left empty.
-    split_len = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
-    splits = max(1, triton.cdiv(n_keys, split_len))
-    assert splits * topk_pad <= MAX_CANDIDATES and splits <= 65535, f"too many splits: {splits}"
+    splits, split_len = _split(n_keys, splits, block_n)
+    assert splits * topk_pad <= MAX_CANDIDATES, f"too many splits: {splits}"
 
     part_v = torch.empty((c, H, splits, topk), dtype=torch.float32, device=q.device)
     part_i = torch.empty((c, H, splits, topk), dtype=torch.int64, device=q.device)
@@ -463,22 +778,61 @@ def score_topk(
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
+    return part_v, part_i
+
+
+def _two_pass(q, k, start, end, topk, splits, cfg):
+    """Top-k by tile maxima first; returns the sorted ``[c, H, topk]`` scores and indices.
+
+    Pass 1 keeps, per row and split, the four largest tile maxima and their tiles (ties to the
+    earlier tile). Over all splits, a row's k best of those (max descending, then tile ascending) are
+    the k best tiles of the whole range, and they hold its k best keys: the k-th of their maxima,
+    ``tau``, is a lower bound of the row's k-th best score (k distinct keys reach it), so a winner
+    lies in a tile whose max is at least ``tau``; all tiles above ``tau`` are among the k, and of the
+    tiles whose max equals ``tau`` the k take the earliest, each holding a key at ``tau`` that comes
+    before every key of a later one. A small kernel lists, per block of ``BLOCK_M2`` rows, the union
+    of its rows' k tiles; pass 2 scores only those, in key order, with the one-pass kernel's exact
+    merge, leaving out scores below their row's ``tau``.
+    """
+    c, H, d = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv
+    n_rows, n_keys = g * c, end - start
+    block_m, block_n, block_m2 = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_M2"]
+    assert block_m % block_m2 == 0, f"BLOCK_M {block_m} must be a multiple of BLOCK_M2 {block_m2}"
+    row_blocks = triton.cdiv(n_rows, block_m)
+    rows_pad = row_blocks * block_m
+    if splits is None:
+        splits = _default_splits(n_keys, row_blocks * Hkv, block_n, 4, _sm_count(q.device))
+    splits, split_len = _split(n_keys, splits, block_n)
+
+    cand_a = torch.empty((Hkv, rows_pad, splits * 4), dtype=torch.float32, device=q.device)
+    cand_t = torch.empty((Hkv, rows_pad, splits * 4), dtype=torch.int32, device=q.device)
+    upcast, ieee = INTERPRETED, q.dtype == torch.float32
+    _tile_max_kernel[(row_blocks, splits, Hkv)](
+        q, k, cand_a, cand_t,
+        n_rows, g, start, end, split_len,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cand_a.stride(0), cand_a.stride(1),
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=upcast, IEEE=ieee,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )  # fmt: skip
+    n_blocks, topk_pad = rows_pad // block_m2, max(2, _next_pow2(topk))
+    tau = torch.empty((Hkv, rows_pad), dtype=torch.float32, device=q.device)
+    ids = torch.empty((Hkv, n_blocks, block_m2 * topk_pad), dtype=torch.int32, device=q.device)
+    count = torch.empty((Hkv, n_blocks), dtype=torch.int32, device=q.device)
+    _plan_kernel[(n_blocks, Hkv)](
+        cand_a, cand_t, tau, ids, count, splits * 4, rows_pad, n_blocks,
+        TOPK=topk, TOPK_PAD=topk_pad, BLOCK_M=block_m2, CAND_PAD=_next_pow2(splits * 4), num_warps=1,
+    )  # fmt: skip
 
     out_v = torch.empty((c, H, topk), dtype=torch.float32, device=q.device)
     out_i = torch.empty((c, H, topk), dtype=torch.int64, device=q.device)
-    n_cand = splits * topk
-    cand_pad = _next_pow2(n_cand)
-    block_r = max(1, min(128, 4096 // cand_pad))
-    _merge_splits_kernel[(triton.cdiv(c * H, block_r),)](
-        part_v,
-        part_i,
-        out_v,
-        out_i,
-        c * H,
-        n_cand,
-        TOPK=topk,
-        CAND_PAD=cand_pad,
-        BLOCK_R=block_r,
-        num_warps=4,
-    )
+    _revisit_kernel[(n_blocks, Hkv)](
+        q, k, tau, ids, count, out_v, out_i,
+        n_rows, g, start, end, ids.shape[-1], n_blocks, rows_pad,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out_v.stride(0), out_v.stride(1),
+        HEAD_DIM=d, TOPK=topk, TOPK_PAD=topk_pad, BLOCK_M=block_m2, BLOCK_N=block_n,
+        UPCAST=upcast, IEEE=ieee, MERGE=cfg.get("MERGE", 0),
+        num_warps=cfg.get("num_warps2", 1), num_stages=cfg.get("num_stages2", 3),
+    )  # fmt: skip
     return out_v, out_i

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from dist_reattn.kernels.score_topk import score_topk, score_topk_ref
+from dist_reattn.kernels.score_topk import default_config, score_topk, score_topk_ref
 
 MODELS = {"SmolLM2": (9, 3, 64), "Llama-8B": (32, 8, 128)}
 TOPKS = (4, 16)  # the first is the headline: the engine's default (DESIGN.md section 2)
@@ -160,21 +160,24 @@ def random_qk(name: str, c: int, N: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def variants():
-    """The default kernel vs its variants at a few points: the two-pass merge (MERGE 1) against the
-    packed one-pass merge (MERGE 0), v2's tiles (128 x 128, 4 warps) and the scores-only floor (dot +
-    row max, no top-k). Defaults are MERGE 0 in prefill and MERGE 1 in decode."""
+    """The default kernel vs its variants at a few points. Prefill: the one-pass kernel (v3) with its
+    packed merge (MERGE 0) and two-pass merge (MERGE 1), v2's tiles (128 x 128, 4 warps) and its
+    scores-only floor (dot + row max, no top-k); at topk <= 4 the default is the two-pass path.
+    Decode: MERGE 0 against MERGE 1 (the default)."""
     points = [("Llama-8B", 2048, 256 << 10), ("SmolLM2", 2048, 256 << 10), ("Llama-8B", 1, 1 << 20),
               ("Llama-8B", 1, 256 << 10), ("SmolLM2", 1, 256 << 10)]  # fmt: skip
     for name, c, N in points:
         H, Hkv, d = MODELS[name]
         q, k = random_qk(name, c, N)
-        if c == 1:
-            labels = [("default", None), ("MERGE 0", {"MERGE": 0}), ("MERGE 1", {"MERGE": 1})]
-        else:
-            v2 = {"BLOCK_M": 128, "BLOCK_N": 128 if d >= 128 else 32, "num_warps": 4, "num_stages": 2}
-            labels = [("default", None), ("MERGE 1", {"MERGE": 1}), ("v2 tiles", v2),
-                      ("scores only", {"SCORE_ONLY": True})]  # fmt: skip
         for topk in TOPKS:
+            if c == 1:
+                labels = [("default", None), ("MERGE 0", {"MERGE": 0}), ("MERGE 1", {"MERGE": 1})]
+            else:
+                one = default_config(c * H // Hkv, d, topk, two_pass=False)
+                v2 = {"TWO_PASS": False, "BLOCK_M": 128, "BLOCK_N": 128 if d >= 128 else 32, "num_warps": 4,
+                      "num_stages": 2}  # fmt: skip
+                labels = [("default", None), ("one-pass", one), ("one-pass MERGE 1", {**one, "MERGE": 1}),
+                          ("v2 tiles", v2), ("one-pass scores only", {**one, "SCORE_ONLY": True})]  # fmt: skip
             for label, cfg in labels:
                 t = time_kernel(q, k, N, topk, None, cfg)
                 tflops, gbs = 2 * c * N * H * d / t / 1e9, N * Hkv * d * 2 / t / 1e6
@@ -197,10 +200,12 @@ def sweep():
             cfgs = [dict(BLOCK_M=16, BLOCK_N=bn, num_warps=w, num_stages=s) for bn in (64, 128, 256)
                     for w in (4, 8) for s in (3, 4)]  # fmt: skip
         else:
-            cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s) for bm in (64, 128)
-                    for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3)]  # fmt: skip
+            cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, TWO_PASS=tp) for bm in (64, 128, 256)
+                    for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3) for tp in (False, True)]  # fmt: skip
         for topk in TOPKS:
             for cfg in cfgs:
+                if cfg.get("TWO_PASS") and topk > 4:
+                    continue
                 for sp in (None, 1, 4):
                     tag = f"{name} c={c} N={N} topk={topk} {cfg} splits={sp}"
                     try:

@@ -107,15 +107,26 @@ INTERP_CASES = [
 ]
 
 
+# One-pass kernel with each merge, and the two-pass path (topk <= 4: larger topks run at 4 there).
+VARIANTS = {
+    "one-pass MERGE 0": {"TWO_PASS": False, "MERGE": 0},
+    "one-pass MERGE 1": {"TWO_PASS": False, "MERGE": 1},
+    "two-pass": {"TWO_PASS": True},
+}
+
+
 @needs_interpreter
-@pytest.mark.parametrize("merge", [0, 1])
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("ties", [True, False])
-@pytest.mark.parametrize("case", INTERP_CASES)
-def test_kernel_interpreter_matches_ref(case, ties, merge):
-    # Integer ties put several entries above a row's threshold in one tile: the rounds path runs.
+@pytest.mark.parametrize("case", INTERP_CASES + [(9, 9, 3, 64, 700, 3, 690, 4, 3)])
+def test_kernel_interpreter_matches_ref(case, ties, variant):
+    # Integer ties put several entries above a row's threshold in one tile (the rounds path runs)
+    # and make many tile maxima equal (the two-pass path must then keep the earliest tiles).
     c, H, Hkv, d, N, start, end, topk, splits = case
+    if VARIANTS[variant]["TWO_PASS"]:
+        topk = min(topk, 4)
     q, k = make(c, H, Hkv, d, N, torch.float16, ties, seed=sum(case[:-1]))
-    v, i = score_topk(q, k, start, end, topk, splits=splits, config={"MERGE": merge})
+    v, i = score_topk(q, k, start, end, topk, splits=splits, config=VARIANTS[variant])
     rv, ri = score_topk_ref(q, k, start, end, topk)
     _assert_same(v, i, rv, ri, exact=ties)
 
@@ -148,6 +159,46 @@ def test_launcher_rejects_bad_inputs():
         score_topk(q, k, 0, 50, kmod.MAX_TOPK + 1)
     with pytest.raises(AssertionError):
         score_topk(q, k, 0, 50, 4, config={"ONE_INSERT": True})  # v2's key, gone in v3
+    with pytest.raises(AssertionError):
+        score_topk(q, k, 0, 50, 5, config={"TWO_PASS": True})  # keeps four tile maxima per row
+    with pytest.raises(AssertionError):
+        score_topk(q, k, 0, 50, 4, config={"TWO_PASS": True, "SCORE_ONLY": True})
+
+
+@pytest.mark.skipif(
+    kmod.triton is None or not (kmod.INTERPRETED or torch.cuda.is_available()), reason="needs triton"
+)
+@pytest.mark.parametrize("n_cand,topk", [(4, 4), (8, 4), (12, 3), (28, 4), (64, 1), (8, 2)])
+def test_plan_lists_each_rows_best_tiles(n_cand, topk):
+    # The step between the two passes, against its definition: per row the topk best candidates
+    # by (tile max descending, tile ascending), tau the last of their maxima; per block of rows the
+    # union of those tiles, ascending. Small integer maxima: many ties, decided by the tile.
+    dev = "cpu" if kmod.INTERPRETED else "cuda"
+    Hkv, rows_pad, bm = 2, 64, 16
+    gen = torch.Generator().manual_seed(n_cand)
+    a = torch.randint(0, 4, (Hkv, rows_pad, n_cand), generator=gen).float()
+    a[0, 3, 1:] = float("-inf")  # a row with fewer listed tiles than topk
+    t = torch.stack([torch.randperm(100, generator=gen)[:n_cand] for _ in range(Hkv * rows_pad)])
+    t = t.view(Hkv, rows_pad, n_cand).int()
+    t[0, 3, 1:] = kmod.NO_TILE
+    pad = max(2, kmod._next_pow2(topk))
+    n_blocks = rows_pad // bm
+    tau = torch.empty(Hkv, rows_pad, device=dev)
+    ids = torch.empty(Hkv, n_blocks, bm * pad, dtype=torch.int32, device=dev)
+    count = torch.empty(Hkv, n_blocks, dtype=torch.int32, device=dev)
+    kmod._plan_kernel[(n_blocks, Hkv)](
+        a.to(dev), t.to(dev), tau, ids, count, n_cand, rows_pad, n_blocks,
+        TOPK=topk, TOPK_PAD=pad, BLOCK_M=bm, CAND_PAD=kmod._next_pow2(n_cand), num_warps=1,
+    )  # fmt: skip
+    order = (a * 1000 - t.float()).sort(dim=-1, descending=True).indices[..., :topk]
+    want_t, want_a = t.gather(-1, order), a.gather(-1, order)
+    assert torch.equal(tau.cpu(), want_a[..., -1])
+    for h in range(Hkv):
+        for b in range(n_blocks):
+            tiles = want_t[h, b * bm : (b + 1) * bm].unique()
+            tiles = tiles[tiles != kmod.NO_TILE].int()
+            assert count[h, b].item() == len(tiles)
+            assert torch.equal(ids[h, b, : len(tiles)].cpu(), tiles)
 
 
 def _check_gpu(q, k, start, end, topk):
@@ -187,6 +238,7 @@ def test_kernel_gpu_matches_ref(dtype, shape, c, N):
     q, k = make(c, H, Hkv, d, N, dtype, ties=False, seed=c + N, device="cuda")
     _check_gpu(q, k, 7, N - 3, 16)
     _check_gpu(q, k, 0, N, 1)
+    _check_gpu(q, k, 5, N, 4)  # two-pass at c = 512 (prefill, topk <= 4)
 
 
 @pytest.mark.gpu
@@ -194,7 +246,7 @@ def test_kernel_gpu_matches_ref(dtype, shape, c, N):
 def test_kernel_gpu_ties():
     # Integer-valued bf16: every score exact, many exact ties: must equal the reference exactly.
     q, k = make(64, 8, 2, 128, 50_000, torch.bfloat16, ties=True, seed=5, device="cuda")
-    for topk in (1, 8, 32):
-        v, i = score_topk(q, k, 3, 49_990, topk)
+    for topk, cfg in ((1, None), (4, None), (4, {"TWO_PASS": False}), (8, None), (32, None)):
+        v, i = score_topk(q, k, 3, 49_990, topk, config=cfg)
         rv, ri = score_topk_ref(q, k, 3, 49_990, topk)
         _assert_same(v, i, rv, ri)
