@@ -191,8 +191,8 @@ if triton is not None:
 
     @triton.jit
     def _load_q(q_ptr, pid_m, kvh, n_rows, group, stride_qc, stride_qh, HEAD_DIM, BLOCK_M, UPCAST):
-        """One block of GQA-packed query rows of KV head ``kvh``: returns ``(row_ok, tok, head, q)``,
-        ``q`` [BLOCK_M, HEAD_DIM] (zeros past ``n_rows``)."""
+        """One block of GQA-packed query rows of KV head ``kvh``: returns ``(rows, row_ok, tok, head,
+        q)``, ``q`` [BLOCK_M, HEAD_DIM] (zeros past ``n_rows``)."""
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # row r = token * group + head-in-group
         row_ok = rows < n_rows
         tok = (rows // group).to(tl.int64)
@@ -205,7 +205,7 @@ if triton is not None:
         )
         if UPCAST:  # interpreter: tl.dot on bf16 is wrong there
             q = q.to(tl.float32)
-        return row_ok, tok, head, q
+        return rows, row_ok, tok, head, q
 
     @triton.jit
     def _split_tiles(k_ptr, kvh, pid_s, start, end, split_len, stride_kn, stride_kh, HEAD_DIM, BLOCK_N):
@@ -291,7 +291,7 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         kvh = tl.program_id(2)
-        row_ok, tok, head, q = _load_q(
+        rows, row_ok, tok, head, q = _load_q(
             q_ptr, pid_m, kvh, n_rows, group, stride_qc, stride_qh, HEAD_DIM, BLOCK_M, UPCAST
         )
         best_v, best_i, thr, worst_i = _empty_lists(row_ok, TOPK, TOPK_PAD, BLOCK_M)
@@ -400,10 +400,9 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         kvh = tl.program_id(2)
-        row_ok, tok, head, q = _load_q(
+        rows, row_ok, tok, head, q = _load_q(
             q_ptr, pid_m, kvh, n_rows, group, stride_qc, stride_qh, HEAD_DIM, BLOCK_M, UPCAST
         )
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
 
         a0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
         a1 = a0
@@ -464,15 +463,15 @@ if triton is not None:
         those maxima), and the block's tiles to revisit, once each, ascending, then NO_TILE."""
         pid = tl.program_id(0)
         kvh = tl.program_id(1)
-        rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+        local = tl.arange(0, BLOCK_M)
+        rows = pid * BLOCK_M + local  # the grid covers rows_pad exactly
         cols = tl.arange(0, CAND_PAD)
-        ok = (cols < n_cand)[None, :] & (rows < rows_pad)[:, None]
+        ok = (cols < n_cand)[None, :]
         off = (kvh * rows_pad + rows).to(tl.int64)[:, None] * n_cand + cols[None, :]
         a = tl.load(cand_a_ptr + off, mask=ok, other=float("-inf"))
         t = tl.load(cand_t_ptr + off, mask=ok, other=2147483647)
         slots = tl.arange(0, TOPK_PAD)
         pick = tl.full([BLOCK_M, TOPK_PAD], 2147483647, tl.int32)
-        tau = tl.max(a, axis=1)
         for r in tl.static_range(TOPK):  # a row's tiles are distinct, so the tile names the entry
             tau = tl.max(a, axis=1)
             j = tl.min(tl.where(a == tau[:, None], t, 2147483647), axis=1)
@@ -481,7 +480,7 @@ if triton is not None:
         tl.store(tau_ptr + kvh * rows_pad + rows, tau)
         # The block's picks go through its slice of ``ids`` to come back as one flat vector.
         block_ids = ids_ptr + (kvh * n_blocks + pid).to(tl.int64) * (BLOCK_M * TOPK_PAD)
-        tl.store(block_ids + rows[:, None] % BLOCK_M * TOPK_PAD + slots[None, :], pick)
+        tl.store(block_ids + local[:, None] * TOPK_PAD + slots[None, :], pick)
         tl.debug_barrier()
         n = tl.arange(0, BLOCK_M * TOPK_PAD)
         ids = tl.load(block_ids + n)
@@ -535,10 +534,9 @@ if triton is not None:
         (the k-th largest tile max: no key under it can be among the k best) is left out."""
         pid_m = tl.program_id(0)
         kvh = tl.program_id(1)
-        row_ok, tok, head, q = _load_q(
+        rows, row_ok, tok, head, q = _load_q(
             q_ptr, pid_m, kvh, n_rows, group, stride_qc, stride_qh, HEAD_DIM, BLOCK_M, UPCAST
         )
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         tau = tl.load(tau_ptr + kvh * rows_pad + rows, mask=row_ok, other=float("inf"))
         best_v, best_i, thr, worst_i = _empty_lists(row_ok, TOPK, TOPK_PAD, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
