@@ -1,23 +1,20 @@
-"""The sequence-sharded pre-RoPE KV cache and the memory plan made before anything is allocated.
+"""The sequence-sharded pre-RoPE KV cache, and the replicated window of recent tokens.
 
 Tokens are grouped in pages of ``page`` tokens; page ``p`` lives on rank ``p mod P`` (striped), so
 every shard grows at the same rate during prefill. A rank stores its tokens in global order, so
 any global range ``[lo, hi)`` is one contiguous range of its local rows. With P = 1 local row and
-global index coincide.
+global index coincide. The default page is one token: a contiguous run of ``L`` tokens then has at
+most ``ceil(L / P)`` tokens on any rank, which bounds the rows an owner sends for a scope
+(:func:`dist_reattn.exchange.fetch_capacity`).
+
+The memory plan made before anything is allocated lives in :mod:`dist_reattn.plan`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from dataclasses import dataclass
 
 import torch
-
-from .config import ConfigError, ScopeConfig
-from .models.spec import ModelSpec
-
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 class KVCache:
@@ -36,7 +33,7 @@ class KVCache:
         device: torch.device,
         rank: int = 0,
         world: int = 1,
-        page: int = 256,
+        page: int = 1,
     ):
         assert 0 <= rank < world and page > 0 and capacity > 0
         self.rank, self.world, self.page, self.capacity = rank, world, page, capacity
@@ -66,9 +63,13 @@ class KVCache:
         g = (page_local * self.world + self.rank) * self.page + off
         return torch.where(rows >= 0, g, rows.new_full((), -1))
 
+    def owner_of(self, g: torch.Tensor) -> torch.Tensor:
+        """The rank that stores global index ``g``."""
+        return (g // self.page) % self.world
+
     def owned_mask(self, g: torch.Tensor) -> torch.Tensor:
         """True where global index ``g`` lives on this rank."""
-        return (g // self.page) % self.world == self.rank
+        return self.owner_of(g) == self.rank
 
     def to_local(self, g: torch.Tensor) -> torch.Tensor:
         """Local rows of global indices owned by this rank."""
@@ -89,11 +90,12 @@ class KVCache:
             self.k[layer, pos : pos + c] = k
             self.v[layer, pos : pos + c] = v
             return
-        g = torch.arange(pos, pos + c, device=k.device)
-        mine = self.owned_mask(g)
-        rows = self.to_local(g[mine])
-        self.k[layer, rows] = k[mine]
-        self.v[layer, rows] = v[mine]
+        # This rank's tokens of [pos, pos + c) are the contiguous local rows [lo, hi): their global
+        # indices come from the layout, so nothing waits on the device for a mask's count.
+        lo, hi = self.local_rows(pos, pos + c)
+        rel = self.to_global(torch.arange(lo, hi, device=k.device)) - pos  # rows of the chunk
+        self.k[layer, lo:hi] = k[rel]
+        self.v[layer, lo:hi] = v[rel]
 
 
 def local_capacity(capacity: int, world: int, page: int, rank: int) -> int:
@@ -102,118 +104,71 @@ def local_capacity(capacity: int, world: int, page: int, rank: int) -> int:
     return max(1, (pages - rank + world - 1) // world) * page
 
 
-@dataclass
-class MemoryPlan:
-    """Bytes one rank needs, against what its device has free."""
+class Window:
+    """Every rank's copy of the first ``sink`` tokens and of the most recent tokens, all KV heads.
 
-    device: str
-    kv_bytes: int
-    weight_bytes: int
-    activation_bytes: int
-    available_bytes: int
+    The local window of a chunk (its last ``local`` tokens) and its sink are the same on every rank's
+    request, so instead of fetching them from their owners each rank keeps them: the slab's K/V
+    reaches every rank anyway (for the owners' appends), and writing it here too costs a copy. Only
+    the selected middle tokens then cross the network. A ring of ``size`` rows holds token ``g`` at
+    row ``g % size``; it must cover the local window of every chunk of a step (``sink + local +``
+    the most tokens of a step). With one rank the cache itself holds every token and nothing is copied.
+
+    Shapes: ``ring_k``, ``ring_v`` ``[layers, size, Hkv, d]``; ``sink_k``, ``sink_v`` ``[layers, sink, Hkv, d]``.
+    """
+
+    def __init__(self, cache: KVCache, sink: int, local: int, step: int):
+        self.cache, self.sink, self.step = cache, sink, step
+        self.size = window_size(sink, local, step)
+        self.n = 0  # tokens written
+        self.ring_k = self.ring_v = self.sink_k = self.sink_v = None
+        if cache.world > 1:
+            layers, _, hkv, d = cache.k.shape
+            new = lambda rows: cache.k.new_empty((layers, rows, hkv, d))  # noqa: E731
+            self.ring_k, self.ring_v, self.sink_k, self.sink_v = (
+                new(self.size),
+                new(self.size),
+                new(sink),
+                new(sink),
+            )
+
+    def nbytes(self) -> int:
+        return 0 if self.ring_k is None else 2 * (self.ring_k.nbytes + self.sink_k.nbytes)
 
     @property
-    def total(self) -> int:
-        return self.kv_bytes + self.weight_bytes + self.activation_bytes
+    def lo(self) -> int:
+        """The earliest token the ring still holds (every token from it to ``n`` is there)."""
+        return max(0, self.n - self.size)
 
-    def fits(self) -> bool:
-        return self.total <= self.available_bytes
+    def append(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keeps tokens ``[pos, pos + c)`` of one layer (``k, v [c, Hkv, d]``, every rank the same)."""
+        c = k.shape[0]
+        self.n = max(self.n, pos + c)
+        if self.ring_k is None:
+            return
+        assert c <= self.step, f"a step of {c} tokens > {self.step}: it would overrun the window"
+        rows = torch.arange(pos, pos + c, device=k.device) % self.size
+        self.ring_k[layer, rows], self.ring_v[layer, rows] = k, v
+        if pos < self.sink:
+            m = min(self.sink, pos + c) - pos
+            self.sink_k[layer, pos : pos + m], self.sink_v[layer, pos : pos + m] = k[:m], v[:m]
 
-    def describe(self) -> str:
-        return (
-            f"per rank on {self.device}: KV {gib(self.kv_bytes)} + weights {gib(self.weight_bytes)} + "
-            f"activations {gib(self.activation_bytes)} = {gib(self.total)}; available {gib(self.available_bytes)}"
-        )
+    def read(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[..., Hkv, d]`` of global ``tokens [...]``, each in ``[lo, n)``."""
+        if self.ring_k is None:
+            return self.cache.k[layer, tokens], self.cache.v[layer, tokens]
+        rows = tokens % self.size
+        return self.ring_k[layer, rows], self.ring_v[layer, rows]
 
-
-def gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
-
-
-def available_bytes(device: torch.device) -> int:
-    """Free memory of the device: GPU free memory, or the host's MemAvailable."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def plan_memory(
-    spec: ModelSpec,
-    tokens: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    *,
-    chunk: int,
-    max_scope: int,
-    full_mode: bool,
-    world: int = 1,
-    page: int = 256,
-    slab: int = 1,
-) -> MemoryPlan:
-    """Plans one rank's memory for a cache of ``tokens`` tokens, before any weight is loaded.
-
-    KV per rank is ``ceil(tokens / P)`` (whole pages) x layers x Hkv x d x 2 x dtype bytes. The
-    activation term bounds the transient tensors of one forward of ``slab`` chunks: the blocked
-    score tiles, the gathered scope K/V of every chunk with their rotated copies, the masks, the
-    attention scores of the math SDPA path (CPU; the GPU's fused kernels keep them on chip), and
-    the MLP intermediates. Weights count whole even under tensor parallelism: every rank loads the
-    whole model before AutoTP shards it, so that is the rank's peak.
-    """
-    b = DTYPE_BYTES[dtype]
-    rows = local_capacity(tokens, world, page, 0)
-    kv = rows * spec.kv_bytes_per_token(b)
-    weights = spec.n_params() * b
-    scope = tokens if full_mode else min(tokens, max_scope)
-    batch = 1 if full_mode else slab  # chunks attending at once (full mode attends chunk by chunk)
-    # Per chunk: the bool mask, and either the additive bias SDPA's fused kernel builds from it (GPU,
-    # bounded at one per head in the model dtype) or the math path's fp32 scores (CPU).
-    scores = chunk * scope * (1 + spec.heads * (b if device.type == "cuda" else 4))
-    act = (
-        spec.heads * chunk * 4096 * 4 * 2  # score block + its top-k working set, fp32
-        + batch * 4 * scope * spec.heads * spec.head_dim * b  # scope K, V and their rotated copies
-        + batch * scores
-        + 4 * slab * chunk * spec.intermediate * 4  # MLP intermediates of the slab's tokens (fp32 bound)
-        + spec.vocab * 4 * 4  # the last token's logits
-    )
-    return MemoryPlan(str(device), kv, weights, act, available_bytes(device))
+    def read_sink(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[sink, Hkv, d]`` of tokens ``[0, sink)``."""
+        if self.sink_k is None:
+            return self.cache.k[layer, : self.sink], self.cache.v[layer, : self.sink]
+        return self.sink_k[layer], self.sink_v[layer]
 
 
-def plan_for_scope(
-    spec: ModelSpec,
-    scope: ScopeConfig,
-    tokens: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    world: int = 1,
-    page: int = 256,
-) -> MemoryPlan:
-    """:func:`plan_memory` for a run with these scope settings (chunk, slab, scope size, mode)."""
-    return plan_memory(
-        spec,
-        tokens,
-        dtype,
-        device,
-        chunk=scope.chunk,
-        max_scope=scope.max_scope(),
-        full_mode=scope.mode == "full",
-        world=world,
-        page=page,
-        slab=scope.slab_on(device.type),
-    )
-
-
-def check_memory(plan: MemoryPlan, tokens: int, world: int) -> None:
-    """Refuses a run that cannot fit, with the numbers and what to change."""
-    if plan.fits():
-        return
-    raise ConfigError(
-        f"does not fit: {tokens} tokens need {plan.describe()}; "
-        f"use more ranks (now {world}), a shorter --len, or a smaller dtype (--model.dtype=bf16)"
-    )
+def window_size(sink: int, local: int, step: int) -> int:
+    """Rows of the ring: a chunk's local window starts at most ``local + step`` tokens before the end
+    of its step, and a chunk short of ``sink + local`` (plain attention over everything) needs
+    every token from 0."""
+    return sink + local + step

@@ -80,8 +80,10 @@ class ScopeConfig:
 
 @dataclass
 class CacheConfig:
-    page: int = 256
-    """Tokens per cache page; page p lives on rank p mod P."""
+    page: int = 1
+    """Tokens per cache page; page p lives on rank p mod P. One token (the default) bounds the rows
+    any rank holds of a scope at about 1/P of it, which sizes the scope K/V exchange; larger pages
+    make that exchange closer to dense."""
 
 
 @dataclass
@@ -94,9 +96,12 @@ class DebugConfig:
 
 @dataclass
 class ParallelConfig:
-    tensor_parallel: bool = True
-    """With several ranks, split projections, heads and MLPs over them (DeepSpeed AutoTP); off:
-    every rank computes the whole model and only the KV cache and the scoring are sharded."""
+    layout: str = "sequence"
+    """How several ranks share a prefill: ``sequence`` (every rank holds the whole model and runs
+    norms, projections, MLPs, selection and attention for its own chunks of each slab; scoring is
+    sharded by KV owner) or ``tensor`` (DeepSpeed AutoTP splits the heads and MLPs over the ranks,
+    every rank runs every chunk; the way for a model that does not fit one device). Decode steps
+    run the model on every rank in ``sequence``."""
     decode: str = "lse"
     """How decode attends with several ranks: ``lse`` (each rank attends over the scope tokens it
     owns; partial outputs merged by log-sum-exp) or ``gather`` (scope K/V assembled on every rank)."""
@@ -129,6 +134,8 @@ class Config:
             raise ConfigError(f"dist.backend={self.dist.backend!r}: use auto, nccl or gloo")
         if self.dist.timeout_s <= 0:
             raise ConfigError(f"dist.timeout_s={self.dist.timeout_s} must be > 0")
+        if self.parallel.layout not in ("sequence", "tensor"):
+            raise ConfigError(f"parallel.layout={self.parallel.layout!r}: use sequence or tensor")
         if self.parallel.decode not in ("lse", "gather"):
             raise ConfigError(f"parallel.decode={self.parallel.decode!r}: use lse or gather")
         if self.model.device not in ("auto", "cpu", "cuda"):

@@ -133,16 +133,45 @@ class Comm:
         return out
 
     def all_gather(self, t: torch.Tensor, kind: str = "all_gather") -> torch.Tensor:
-        """Stacks every rank's ``t`` (same shape on all ranks): returns ``[P, *t.shape]``."""
+        """Stacks every rank's ``t`` (same shape on all ranks): returns ``[P, *t.shape]``.
+
+        One ``all_gather_into_tensor`` into a buffer allocated once for the call: no per-rank list of
+        tensors and no stack copy afterwards.
+        """
         if self.world == 1:
             return t[None]
+        flat = t.contiguous().reshape(-1)
+        out = flat.new_empty(self.world * flat.numel())  # the ranks' tensors concatenated along dim 0
+        # all_gather_single replaces all_gather_into_tensor in newer torch (same arguments)
+        fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
         def run():
-            parts = [torch.empty_like(t) for _ in range(self.world)]
-            dist.all_gather(parts, t.contiguous(), group=self.group)
-            return torch.stack(parts)
+            fn(out, flat, group=self.group)
+            return out.view(self.world, *t.shape)
 
         return self._timed(kind, t.numel() * t.element_size(), run)
+
+    def all_to_all(self, t: torch.Tensor, kind: str = "all_to_all") -> torch.Tensor:
+        """``t [P, ...]``: slice ``r`` goes to rank ``r``; returns ``[P, ...]`` with slice ``r`` from rank ``r``.
+
+        Every slice has the same shape (padded by the caller), so no sizes are exchanged and nothing
+        waits on the host. Bytes counted: what this rank sends to the others.
+        """
+        if self.world == 1:
+            return t
+        assert t.shape[0] == self.world, (t.shape, self.world)
+        t = t.contiguous()
+        out = torch.empty_like(t)
+        sent = t.numel() * t.element_size() * (self.world - 1) // self.world
+        return self._timed(kind, sent, lambda: dist.all_to_all_single(out, t, group=self.group) or out)
+
+    def broadcast(self, t: torch.Tensor, src: int, kind: str = "broadcast") -> torch.Tensor:
+        """Rank ``src``'s ``t`` on every rank (same shape and dtype everywhere), in place; returns it."""
+        if self.world == 1:
+            return t
+        t = t.contiguous()
+        nbytes = t.numel() * t.element_size() if self.rank == src else 0
+        return self._timed(kind, nbytes, lambda: dist.broadcast(t, src=src, group=self.group) or t)
 
     def all_reduce(self, t: torch.Tensor, kind: str = "all_reduce") -> torch.Tensor:
         """Sums ``t`` over the ranks, in place; returns it."""

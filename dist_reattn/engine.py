@@ -13,13 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
+from . import exchange
 from .attention import merge_partials, partial_attention, scope_attention
-from .cache import KVCache
+from .cache import KVCache, Window
 from .config import ScopeConfig
 from .distributed import Comm
+from .exchange import Part
 from .models.adapter import ReAttnModel
 from .profile import Profile
-from .select import Scope, local_topk, select_from_candidates
+from .select import Scope, retrieves, score_chunks, select_scope
 
 
 @dataclass
@@ -44,11 +46,12 @@ class Step:
     per-token work (norms, projections, MLPs) runs once over the slab, and attention keeps the chunk
     semantics exactly: chunk j (ending at ``n_j``) attends over the scope chosen for it at ``n_j``,
     as if the chunks had been fed one by one. Chunks of equal size past the plain-attention prefix
-    are scored, selected and attended as one batch.
+    are scored, selected and attended as one batch. With sequence groups (``part.split``) each rank
+    runs the model over its own chunks only; every rank still scores every chunk against its shard.
     """
 
-    def __init__(self, engine: Engine, n0: int, c: int):
-        self.engine, self.n0, self.c = engine, n0, c
+    def __init__(self, engine: Engine, n0: int, c: int, part: Part):
+        self.engine, self.n0, self.c, self.part = engine, n0, c, part
 
     def chunk_groups(self) -> list[tuple[int, int, int, bool]]:
         """``(offset, size, count, retrieval)`` runs of chunks that attend as one batch.
@@ -59,8 +62,7 @@ class Step:
         """
         cfg = self.engine.scope
         groups: list[tuple[int, int, int, bool]] = []
-        for off in range(0, self.c, cfg.chunk):
-            size = min(cfg.chunk, self.c - off)
+        for off, size in self.part.chunks:
             retrieval = cfg.mode != "full" and self.n0 + off + size > cfg.sink + cfg.local
             last = groups[-1] if groups else None
             if last and retrieval and last[3] and last[1] == size:
@@ -73,33 +75,48 @@ class Step:
         """Appends the step's K/V, chooses each chunk's scope, attends.
 
         Args:
-            q: ``[H, c, d]``; k, v: ``[Hkv, c, d]``; all un-rotated (this rank's heads).
+            q: ``[h, c_r, d]``; k, v: ``[h_kv, c_r, d]``; all un-rotated: this rank's heads (tensor
+                parallelism) and this rank's tokens (sequence groups).
 
         Returns:
-            ``[c, H, d]`` for this rank's heads.
+            ``[c_r, h, d]``.
         """
-        e, prof = self.engine, self.engine.profile
+        e, prof, part = self.engine, self.engine.profile, self.part
         scaling = scaling or q.shape[-1] ** -0.5
-        q_all, k_all, v_all = e.all_heads(q, k, v)
+        if part.split:
+            q_all, k_all, v_all = exchange.slab_qkv(e.comm, part.counts(), q, k, v)
+        elif e.model.tensor_parallel:
+            q_all, k_all, v_all = exchange.all_heads(e.comm, e.model.layout, q, k, v)
+        else:
+            q_all, k_all, v_all = q, k, v
         with prof.phase("append"):
-            e.cache.append(layer, self.n0, k_all.transpose(0, 1), v_all.transpose(0, 1))
-        outs = []
+            kt, vt = k_all.transpose(0, 1), v_all.transpose(0, 1)  # [c, Hkv, d]
+            e.cache.append(layer, self.n0, kt, vt)
+            e.window.append(layer, self.n0, kt, vt)
+        a = part.span()[0]  # this rank's first token of the step
+        first, outs = 0, []
         for off, size, count, retrieval in self.chunk_groups():
             prof.count("layer_steps", count)
-            rows = slice(off, off + size * count)
+            b0, b1 = part.mine_in(first, count)
+            first += count
+            mine = slice(off + b0 * size - a, off + b1 * size - a)  # rows of q for my chunks
             n = self.n0 + off + size  # tokens in the cache at the end of the group's first chunk
             if not retrieval:
-                outs.append(e.attend_plain(layer, q[:, rows], q_all[:, rows], n, scaling))
+                if b1 > b0:
+                    outs.append(e.attend_plain(layer, q[:, mine], q_all[:, off : off + size], n, scaling))
                 continue
-            q_chunks = q_all[:, rows].unflatten(1, (count, size)).permute(1, 2, 0, 3)  # [B, c, H, d]
-            scope = e.scopes_for(layer, q_chunks, n)
+            per_rank = part.owners_in(first - count, count) if part.split else None
+            q_chunks = q_all[:, off : off + size * count].unflatten(1, (count, size)).permute(1, 2, 0, 3)
+            scope = e.scopes_for(layer, q_chunks, n, (b0, b1), per_rank)  # [b1 - b0, M]
             if self.c == 1 and e.comm.world > 1 and e.decode == "lse":
                 return e.attend_partials(layer, q_all[:, 0], scope.row(0), n, scaling)
-            keys, values = e.gather(layer, scope.tokens)  # [B, M, Hkv, d]
+            keys, values = e.scope_kv(layer, scope, per_rank)
+            if b1 == b0:
+                continue
             with prof.phase("attention"):
                 cos, sin = e.rope_table(keys.shape[1])
                 out = scope_attention(
-                    q[:, rows].unflatten(1, (count, size)).transpose(0, 1),  # [B, h, c, d]
+                    q[:, mine].unflatten(1, (b1 - b0, size)).transpose(0, 1),  # [B, h, c, d]
                     keys.transpose(1, 2),
                     values.transpose(1, 2),
                     cos,
@@ -116,16 +133,21 @@ class Engine:
     """ReAttention inference over a sharded pre-RoPE KV cache.
 
     Args:
-        model: the adapted HF model.
+        model: the adapted HF model (tensor-parallel or whole on every rank).
         scope: the scope section of the config (mode, sink, local, topk, span, recall_clip, chunk).
         capacity: most tokens one sequence may hold (prompt + generated).
         comm: collectives of the sequence-sharding group; ``Comm.single()`` for one process.
         page: cache page size in tokens.
-        record_selection: keep every step's scope per layer in ``self.selections``.
-        check_consensus: compare a checksum of every step's scope across ranks; raise on disagreement.
+        record_selection: keep every step's scope per layer in ``self.selections`` (with sequence
+            groups, the scopes of the chunks this rank attended).
+        check_consensus: compare a checksum of every scope that all ranks compute across ranks;
+            raise on disagreement.
         decode: with several ranks, how a decode step attends: ``lse`` (each rank attends over the
             scope tokens it owns, partial outputs merged by log-sum-exp: moves ``[H, d + 1]`` per rank
             and layer) or ``gather`` (the scope K/V is assembled on every rank, as in prefill).
+
+    With several ranks and a model that is not tensor-parallel, a prefill slab of at least P
+    chunks is split into sequence groups (:class:`~dist_reattn.exchange.Part`).
     """
 
     def __init__(
@@ -134,7 +156,7 @@ class Engine:
         scope: ScopeConfig,
         capacity: int,
         comm: Comm | None = None,
-        page: int = 256,
+        page: int = 1,
         record_selection: bool = False,
         check_consensus: bool = False,
         decode: str = "lse",
@@ -154,12 +176,18 @@ class Engine:
             self.comm.world,
             page,
         )
-        # The query heads this rank attends with: all, or its tensor-parallel share (its KV heads
-        # arrive already sliced from `gather`).
-        self.q_heads = slice(None)
+        self.max_step = scope.chunk * scope.slab_on(model.device.type)
+        self.window = Window(self.cache, scope.sink, scope.local, self.max_step)
+        # The query and KV heads this rank attends with: all, or its tensor-parallel share.
+        self.q_heads = self.kv_heads = slice(None)
+        self.kv_layout = None  # every rank's (first, count) KV heads under tensor parallelism
         if model.tensor_parallel:
             q0 = sum(h for h, _ in model.layout[: self.comm.rank])
             self.q_heads = slice(q0, q0 + model.layout[self.comm.rank][0])
+            starts = [sum(h for _, h in model.layout[:r]) for r in range(self.comm.world)]
+            self.kv_layout = [(h0, h) for h0, (_, h) in zip(starts, model.layout, strict=True)]
+            h0, h = self.kv_layout[self.comm.rank]
+            self.kv_heads = slice(h0, h0 + h)
         if decode not in ("lse", "gather"):
             raise ValueError(f"decode={decode!r}: use lse or gather")
         self.decode = decode
@@ -172,7 +200,7 @@ class Engine:
 
     def reset(self) -> None:
         """Forgets the current sequence (the cache memory is kept)."""
-        self.n = 0
+        self.n = self.window.n = 0
         self.selections.clear()
         self.profile.reset()
 
@@ -183,48 +211,38 @@ class Engine:
             self._cos, self._sin = self.model.rope(torch.arange(size))
         return self._cos[:m], self._sin[:m]
 
-    def scopes_for(self, layer: int, q: torch.Tensor, n: int) -> Scope:
-        """The scopes of a batch of equal chunks past the plain prefix (``n > sink + local``).
+    def scopes_for(
+        self, layer: int, q: torch.Tensor, n: int, mine: tuple[int, int], per_rank: list[int] | None
+    ) -> Scope:
+        """The scopes of this rank's chunks of a run of equal chunks past the plain prefix.
 
         Args:
-            q: ``[B, c, H, d]`` un-rotated queries of all heads; chunk b ends at ``n + b * c``.
-            n: tokens in the cache at the end of the first chunk.
+            q: ``[B, c, H, d]`` un-rotated queries of every chunk of the run, all heads; chunk b
+                ends at ``n + b * c``. Every rank scores every chunk against its own shard.
+            mine: this rank's chunks ``[b0, b1)`` of the run.
+            per_rank: with sequence groups, how many of the run's chunks each rank attends (the
+                candidates go only there); None when every rank attends every chunk.
 
         Returns:
-            The batch of scopes, tensors ``[B, M]``.
+            The scopes of chunks ``b0..b1-1``, tensors ``[b1 - b0, M]``.
         """
-        cfg = self.scope
+        cfg, (b0, b1) = self.scope, mine
         B, c = q.shape[:2]
-        ends = [n + b * c for b in range(B)]
-        dev = q.device
-        if cfg.mode == "streaming" or cfg.topk == 0:
-            local = torch.arange(B, device=dev)[:, None] * c + torch.arange(n - cfg.local, n, device=dev)
-            scope = Scope(torch.cat([torch.arange(cfg.sink, device=dev).expand(B, -1), local], dim=1))
-        else:
+        candidates = None
+        if retrieves(cfg):
             with self.profile.phase("scoring"):
-                found = []
-                for b, end in enumerate(ends):
-                    lo, hi = self.cache.local_rows(cfg.sink, end - cfg.local)
-                    found.append(local_topk(q[b], self.cache.k[layer], lo, hi, cfg.topk))
-                scores = torch.stack([f[0] for f in found])  # [B, c, H, k]
-                index = self.cache.to_global(torch.stack([f[1] for f in found]))
-            if self.comm.world == 1:
-                scores, index = scores[None], index[None]  # [P = 1, B, c, H, k]
-            else:
-                # One collective for both halves: fp32 scores and indices (< 2**53) are exact in fp64.
-                both = self.comm.all_gather(torch.stack([scores.double(), index.double()]), "topk_candidates")
-                scores, index = both[:, 0].float(), both[:, 1].long()
-            with self.profile.phase("selection"):
-                n_b = n if B == 1 else n + c * torch.arange(B, device=dev)
-                scope = select_from_candidates(scores, index, n_b, cfg)
-        for b, end in enumerate(ends):
-            if self.check_consensus or self.record_selection:
-                self.check_and_record(layer, end, scope.row(b))
+                scores, index = score_chunks(q, self.cache, layer, [n + b * c for b in range(B)], cfg)
+            candidates = exchange.route_candidates(self.comm, per_rank, scores, index)  # [P, B_mine, c, H, k]
+        with self.profile.phase("selection"):
+            scope = select_scope(cfg, n + b0 * c, c, b1 - b0, candidates, q.device)
+        if self.check_consensus or self.record_selection:
+            for b in range(b1 - b0):
+                self.check_and_record(layer, n + (b0 + b) * c, scope.row(b), per_rank is None)
         return scope
 
-    def check_and_record(self, layer: int, n: int, scope: Scope) -> None:
-        """The debug options: cross-rank agreement on a chunk's scope, and its record."""
-        if self.check_consensus:
+    def check_and_record(self, layer: int, n: int, scope: Scope, shared: bool) -> None:
+        """The debug options: cross-rank agreement on a scope every rank computed, and its record."""
+        if self.check_consensus and shared:
             chosen = scope.selected()
             self.comm.check_same(
                 [chosen.numel(), int(chosen.sum()), int((chosen * chosen).sum())],
@@ -232,6 +250,47 @@ class Engine:
             )
         if self.record_selection:
             self.selections.append((layer, n, scope.selected().cpu()))
+
+    def scope_kv(
+        self, layer: int, scope: Scope, per_rank: list[int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[B, M, h_kv, d]`` (pre-RoPE, this rank's KV heads) of scopes ``[B, M]`` laid out as
+        ``[sink ; selected ; local]``: the sink and local tokens from the replicated window, the
+        selected ones from their owners (every rank takes part in that exchange, even with B = 0).
+
+        Args:
+            per_rank: with sequence groups, how many of the run's chunks each rank attends (the
+                exchange pads every rank's lists to the largest); None when every rank attends all.
+        """
+        cfg, w = self.scope, self.window
+        B, M = scope.tokens.shape
+        t = M - cfg.sink - cfg.local  # selected entries (0 in streaming)
+        with self.profile.phase("kv_fetch"):
+            sk, sv = w.read_sink(layer)
+            lk, lv = w.read(layer, scope.tokens[:, M - cfg.local :])
+            parts_k = [sk[None, :, self.kv_heads].expand(B, -1, -1, -1)]
+            parts_v = [sv[None, :, self.kv_heads].expand(B, -1, -1, -1)]
+            if t:
+                sel = scope.tokens[:, cfg.sink : cfg.sink + t]
+                lists = torch.where(scope.valid[:, cfg.sink : cfg.sink + t], sel, -1)
+                width = B if per_rank is None else max(per_rank)
+                if width > B:
+                    lists = torch.cat([lists, lists.new_full((width - B, t), -1)])
+                runs = cfg.recall_clip
+                fk, fv = exchange.fetch_rows(
+                    self.comm,
+                    self.cache,
+                    layer,
+                    lists,
+                    capacity=exchange.fetch_capacity(t, runs, self.cache.page, self.comm.world),
+                    gathered=per_rank is not None,
+                    heads=self.kv_layout,
+                )
+                parts_k.append(fk[:B])
+                parts_v.append(fv[:B])
+            parts_k.append(lk[..., self.kv_heads, :])
+            parts_v.append(lv[..., self.kv_heads, :])
+            return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
 
     def attend_plain(
         self, layer: int, q: torch.Tensor, q_all: torch.Tensor, n: int, scaling: float
@@ -246,73 +305,24 @@ class Engine:
         """
         if q.shape[1] == 1 and self.comm.world > 1 and self.decode == "lse":
             return self.attend_partials(layer, q_all[:, 0], None, n, scaling)
-        if self.comm.world == 1:
-            # Everything in the cache at original positions 0..n-1; with one rank local rows are global.
-            keys, values = self.cache.k[layer, :n], self.cache.v[layer, :n]
-        else:
-            keys, values = self.gather(layer, torch.arange(n, device=q.device))
+        w, dev = self.window, q.device
+        with self.profile.phase("kv_fetch"):
+            lo = w.lo  # the same on every rank: tokens before it come from their owners
+            keys, values = w.read(layer, torch.arange(lo, n, device=dev))
+            keys, values = keys[:, self.kv_heads], values[:, self.kv_heads]
+            if lo > 0:
+                lists = torch.arange(lo, device=dev)[None]
+                cap = exchange.fetch_capacity(lo, 1, self.cache.page, self.comm.world)
+                fk, fv = exchange.fetch_rows(
+                    self.comm, self.cache, layer, lists, capacity=cap, gathered=False, heads=self.kv_layout
+                )
+                keys, values = torch.cat([fk[0], keys]), torch.cat([fv[0], values])
         with self.profile.phase("attention"):
             cos, sin = self.rope_table(n)
             out = scope_attention(
                 q[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None], cos, sin, scaling
             )
             return out[0]
-
-    def all_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """q, k, v of every head: this rank's ``[h, c, d]`` pieces gathered in one collective.
-
-        Under tensor parallelism each rank computes only its heads (uneven counts are padded to the
-        widest rank); scoring needs every query head and the cache keeps every KV head.
-        """
-        if not self.model.tensor_parallel:
-            return q, k, v
-        layout = self.model.layout
-        width = max(hq + 2 * hkv for hq, hkv in layout)
-        x = torch.cat([q, k, v])  # [hq + 2 hkv, c, d]
-        if x.shape[0] < width:
-            x = torch.cat([x, x.new_zeros((width - x.shape[0], *x.shape[1:]))])
-        every = self.comm.all_gather(x, "qkv_heads")  # [P, width, c, d]
-        qs = [every[r, :hq] for r, (hq, _) in enumerate(layout)]
-        ks = [every[r, hq : hq + hkv] for r, (hq, hkv) in enumerate(layout)]
-        vs = [every[r, hq + hkv : hq + 2 * hkv] for r, (hq, hkv) in enumerate(layout)]
-        return torch.cat(qs), torch.cat(ks), torch.cat(vs)
-
-    def gather(self, layer: int, scope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V ``[..., m, h_kv, d]`` (pre-RoPE) of global tokens ``scope [..., m]`` for this rank's KV
-        heads, fetched from the ranks that own the tokens.
-
-        Each rank fills the rows it owns and a sum over ranks assembles the scope (every row has
-        exactly one owner, the others add zeros, so the sum is exact in any dtype). Under tensor
-        parallelism each rank needs only its own KV heads: the buffer is laid out by receiving rank
-        and reduce-scattered, so every rank receives just its heads (a reduce-scatter moves half the
-        bytes of an all-reduce of the same buffer). Without it every rank attends with every head:
-        an all-reduce.
-        """
-        cache, comm = self.cache, self.comm
-        with self.profile.phase("kv_fetch"):
-            if comm.world == 1:
-                rows = cache.to_local(scope)
-                return cache.k[layer, rows], cache.v[layer, rows]
-            mine = cache.owned_mask(scope).nonzero(as_tuple=True)  # one host sync, reused below
-            rows = cache.to_local(scope[mine])
-            k, v = cache.k[layer, rows], cache.v[layer, rows]  # [owned, Hkv, d]
-            if not self.model.tensor_parallel:
-                kv = cache.k.new_zeros((2, *scope.shape, *cache.k.shape[2:]))  # [2, ..., m, Hkv, d]
-                kv[0][mine], kv[1][mine] = k, v
-            else:
-                layout = self.model.layout
-                width = max(h for _, h in layout)
-                kv = cache.k.new_zeros((comm.world, 2, *scope.shape, width, cache.k.shape[3]))
-                h0 = 0
-                for r, (_, h) in enumerate(layout):  # rank r's KV heads, padded to the widest rank
-                    heads = (*mine, slice(0, h))
-                    kv[r, 0][heads], kv[r, 1][heads] = k[:, h0 : h0 + h], v[:, h0 : h0 + h]
-                    h0 += h
-        if not self.model.tensor_parallel:
-            kv = comm.all_reduce(kv, "scope_kv")
-            return kv[0], kv[1]
-        kv = comm.reduce_scatter(kv, "scope_kv")[..., : layout[comm.rank][1], :]  # [2, ..., m, h_kv, d]
-        return kv[0], kv[1]
 
     def attend_partials(
         self, layer: int, q: torch.Tensor, scope: Scope | None, n: int, scaling: float
@@ -349,7 +359,7 @@ class Engine:
                 scaling,
             )
             packed = torch.cat([out, lse[:, None]], dim=1)  # [H, d + 1] fp32
-        every = self.comm.all_gather(packed, "decode_partials")  # [P, H, d + 1]
+        every = exchange.gather_partials(self.comm, packed)  # [P, H, d + 1]
         with self.profile.phase("attention"):
             merged = merge_partials(every[..., :-1], every[..., -1])  # [H, d]
             return merged[self.q_heads][None].to(q.dtype)
@@ -365,11 +375,26 @@ class Engine:
             raise RuntimeError(
                 f"sequence of {self.n + c} tokens exceeds the engine's capacity {self.capacity}"
             )
+        comm = self.comm
+        part = Part.of_step(c, self.scope.chunk, comm.rank, comm.world, self.splits_steps())
+        if comm.world > 1 and c > self.max_step:  # the replicated window holds one step's tokens
+            raise RuntimeError(
+                f"a step of {c} tokens > scope.chunk x slab = {self.max_step} with several ranks"
+            )
         self.profile.begin(stage)
-        logits = self.model.forward(ids, Step(self, self.n, c))
+        a, b = part.span()
+        logits = self.model.forward(ids[a:b], Step(self, self.n, c, part))
+        if part.split:  # the prompt's last token ran on the last chunk's rank
+            logits = comm.broadcast(logits, part.owner[-1], "logits")
         self.profile.end(c)
         self.n += c
         return logits
+
+    def splits_steps(self) -> bool:
+        """Whether steps of several chunks are split into sequence groups: several ranks, a model
+        that is whole on every rank (not tensor-parallel), and a mode with a bounded scope (``full``
+        attends over everything and runs every chunk on every rank)."""
+        return self.comm.world > 1 and not self.model.tensor_parallel and self.scope.mode != "full"
 
     def prefill(self, ids: torch.Tensor, on_chunk: Callable[[int], None] | None = None) -> torch.Tensor:
         """Feeds the prompt ``ids [n]`` in chunks of ``scope.chunk``, ``scope.slab`` chunks per forward;

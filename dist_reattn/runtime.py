@@ -7,12 +7,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import MemoryPlan, check_memory, plan_for_scope
 from .config import Config
 from .distributed import Comm
 from .engine import Engine
 from .models.load import ModelSource, load_model, load_spec, resolve
 from .models.spec import ModelSpec
+from .plan import MemoryPlan, check_memory, plan_for_scope
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def build_engine(cfg: Config, prep: Prepared, capacity: int, comm: Comm):
 
     model = load_model(prep.source, prep.dtype, prep.device)
     return Engine(
-        ReAttnModel(model, comm, tensor_parallel=cfg.parallel.tensor_parallel),
+        ReAttnModel(model, comm, tensor_parallel=cfg.parallel.layout == "tensor"),
         cfg.scope,
         capacity,
         comm=comm,

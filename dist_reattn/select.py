@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .cache import KVCache
 from .config import ScopeConfig
 from .kernels import score_topk, score_topk_ref, sort_topk, supports
 
@@ -31,6 +32,25 @@ def local_topk(
     """
     fn = score_topk if q.is_cuda and supports(q.device) else score_topk_ref
     return fn(q, keys, lo, hi, topk)
+
+
+def score_chunks(
+    q: torch.Tensor, cache: KVCache, layer: int, ends: list[int], cfg: ScopeConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's exact top-k of each chunk's queries over its own middle tokens.
+
+    Args:
+        q: ``[B, c, H, d]`` un-rotated queries of every head, chunk b ending at ``ends[b]``.
+
+    Returns:
+        ``(scores, index)``, ``[B, c, H, topk]``: fp32 scores and global token indices (-1 padding).
+    """
+    found = []
+    for b, end in enumerate(ends):
+        lo, hi = cache.local_rows(cfg.sink, end - cfg.local)
+        found.append(local_topk(q[b], cache.k[layer], lo, hi, cfg.topk))
+    scores = torch.stack([f[0] for f in found])
+    return scores, cache.to_global(torch.stack([f[1] for f in found]))
 
 
 def merge_candidates(
@@ -184,3 +204,41 @@ def select_from_candidates(
     kept, valid = vote(s, i, cfg.recall_clip)
     selected, valid = widen(kept, valid, cfg.span, cfg.sink, n - cfg.local)
     return scope_of(n, cfg, selected, valid)
+
+
+def retrieves(cfg: ScopeConfig) -> bool:
+    """Whether the mode picks middle tokens at all (streaming, or topk 0, is a selection with no hits)."""
+    return cfg.mode == "reattention" and cfg.topk > 0
+
+
+def select_scope(
+    cfg: ScopeConfig,
+    n: int,
+    c: int,
+    batch: int,
+    candidates: tuple[torch.Tensor, torch.Tensor] | None,
+    device: torch.device,
+) -> Scope:
+    """The scopes of a batch of chunks past the plain prefix: the one seam every mode goes through.
+
+    Args:
+        n: tokens in the cache at the end of the batch's first chunk; chunk b ends at ``n + b * c``.
+        candidates: ``(scores, index)`` ``[P, batch, c, H, k]`` of every rank, or None for a mode
+            that retrieves nothing (:func:`retrieves`): then the scope is ``[sink ; local]``.
+
+    Returns:
+        ``[batch, M]`` scopes; ``M`` is fixed by the mode and the configuration.
+    """
+    # (an int end is never copied to the device: that copy would wait for it)
+    ends = n if batch == 1 else n + c * torch.arange(batch, device=device)
+    if candidates is None:
+        if batch == 1:
+            local = torch.arange(n - cfg.local, n, device=device)[None]
+        else:
+            local = ends[:, None] - cfg.local + torch.arange(cfg.local, device=device)
+        return Scope(torch.cat([torch.arange(cfg.sink, device=device).expand(batch, -1), local], dim=1))
+    if batch == 0:
+        m = cfg.sink + cfg.recall_clip * cfg.span + cfg.local
+        empty = torch.zeros((0, m), dtype=torch.long, device=device)
+        return Scope(empty, empty.bool(), empty)
+    return select_from_candidates(*candidates, ends, cfg)

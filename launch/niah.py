@@ -203,6 +203,7 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
             "dtype": str(prep.dtype).replace("torch.", ""),
             "world": comm.world,
             "tensor_parallel": engine.model.tensor_parallel,
+            "layout": cfg.parallel.layout if comm.world > 1 else "single",
             "decode": cfg.parallel.decode,
             "memory_plan": dataclasses.asdict(prep.plan),
             **measured,

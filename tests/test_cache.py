@@ -3,9 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_reattn.cache import KVCache, check_memory, local_capacity, plan_memory
+from dist_reattn.cache import KVCache, local_capacity
 from dist_reattn.config import ConfigError
 from dist_reattn.models.spec import ModelSpec
+from dist_reattn.plan import check_memory, plan_memory
 
 SMOLLM2 = ModelSpec("llama", 30, 9, 3, 64, 576, 1536, 49152, 8192, True)
 

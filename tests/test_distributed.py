@@ -1,8 +1,10 @@
 """The sequence-sharded engine on real gloo ranks (CPU) against the single-process reference.
 
-The tiny models have 6 query / 3 KV heads: P = 2 splits them unevenly by tensor parallelism (4 + 2
-query, 2 + 1 KV heads), P = 3 evenly, and P = 4 (more ranks than KV heads) shards only the KV cache
-and the scoring while every rank computes the whole model.
+Two layouts (``parallel.layout``): ``sequence`` (every rank holds the whole model; a prefill slab
+of at least P chunks is split into sequence groups, each rank running its own chunks; smaller steps
+and decode run on every rank) and ``tensor`` (DeepSpeed AutoTP splits the heads; every rank runs
+every chunk). The tiny models have 6 query / 3 KV heads: tensor parallelism at P = 2 splits them
+unevenly (4 + 2 query, 2 + 1 KV heads), at P = 3 evenly.
 """
 
 from __future__ import annotations
@@ -22,14 +24,27 @@ from dist_reattn.engine import Engine
 from dist_reattn.models.adapter import ReAttnModel
 
 N, NEW, PAGE = 150, 5, 8  # 8-token pages: every rank owns many stripes of the 150-token prompt
+_R = dict(sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=5)
 SCOPES = {
-    "reattention": ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=5),
+    "reattention": ScopeConfig(mode="reattention", **_R),  # one chunk per step on a CPU: every rank runs it
     "full": ScopeConfig(mode="full", sink=4, local=32, chunk=16),
     # 3 chunks per forward: batched candidates, selection and scope K/V fetch across ranks
-    "reattention-slab": ScopeConfig(
-        mode="reattention", sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=5, slab=3
-    ),
+    "reattention-slab": ScopeConfig(mode="reattention", **_R, slab=3),
+    # 8 chunks per forward: split into sequence groups at every P <= 8 (the last step, 2 chunks, at P <= 2)
+    "reattention-slab8": ScopeConfig(mode="reattention", **_R, slab=8),
+    "streaming-slab8": ScopeConfig(mode="streaming", **_R, slab=8),
 }
+# (world, layout, architectures): every architecture up to P = 4; at P = 8 (eight processes on a
+# small CI machine) two of them.
+CASES = [
+    (1, "sequence", ARCHS),
+    (2, "sequence", ARCHS),
+    (2, "tensor", ARCHS),
+    (3, "sequence", ARCHS),
+    (3, "tensor", ARCHS),
+    (4, "sequence", ARCHS),
+    (8, "sequence", ("llama", "qwen3")),
+]
 
 
 def greedy(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, list[int], list]:
@@ -42,15 +57,15 @@ def greedy(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, list[int], 
     return torch.stack(logits), tokens, list(engine.selections)
 
 
-def run_all(comm: Comm) -> dict:
+def run_all(comm: Comm, layout: str = "sequence", archs=ARCHS, page: int = PAGE) -> dict:
     """Logits, greedy tokens and every step's scope, per (arch, mode, decode attention)."""
     ids = torch.randint(0, 120, (N,), generator=torch.Generator().manual_seed(1))
     out = {}
-    for arch in ARCHS:
-        model = ReAttnModel(tiny_model(arch), comm)
+    for arch in archs:
+        model = ReAttnModel(tiny_model(arch), comm, tensor_parallel=layout == "tensor")
         for mode, scope in SCOPES.items():
             engine = Engine(
-                model, scope, N + NEW, comm=comm, page=PAGE, record_selection=True, check_consensus=True
+                model, scope, N + NEW, comm=comm, page=page, record_selection=True, check_consensus=True
             )
             for decode in ("lse", "gather"):
                 engine.decode = decode
@@ -61,7 +76,7 @@ def run_all(comm: Comm) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, path: str) -> None:
+def _worker(rank: int, world: int, port: int, path: str, layout: str, archs, page: int) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -74,7 +89,7 @@ def _worker(rank: int, world: int, port: int, path: str) -> None:
     torch.set_grad_enabled(False)
     comm = init_from_env(timeout_s=120, backend="gloo")
     try:
-        result = run_all(comm)
+        result = run_all(comm, layout, archs, page)
     finally:
         shutdown(comm)
     torch.save(result, f"{path}.rank{rank}")
@@ -91,34 +106,64 @@ def reference():
     return run_all(Comm.single())
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_ranks_match_single_process(world, reference, tmp_path):
+def merged_selections(results: list[dict], key) -> dict:
+    """Every rank's recorded scopes, by (layer, n): with sequence groups each rank records the chunks
+    it attended; a scope that several ranks computed must be the same on each."""
+    merged = {}
+    for rank, res in enumerate(results):
+        for layer, n, chosen in res[key]["selections"]:
+            if (layer, n) in merged:
+                assert torch.equal(merged[layer, n], chosen), f"rank {rank} disagrees at layer {layer} n {n}"
+            merged[layer, n] = chosen
+    return merged
+
+
+def run_ranks(world: int, layout: str, archs, tmp_path, page: int = PAGE) -> list[dict]:
     path = str(tmp_path / "result")
-    mp.spawn(_worker, args=(world, free_port(), path), nprocs=world, join=True)
-    results = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(world)]
-    for arch in ARCHS:
+    mp.spawn(_worker, args=(world, free_port(), path, layout, archs, page), nprocs=world, join=True)
+    return [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(world)]
+
+
+@pytest.mark.parametrize("world, layout, archs", CASES, ids=[f"P{w}-{lay}" for w, lay, _ in CASES])
+def test_ranks_match_single_process(world, layout, archs, reference, tmp_path):
+    results = run_ranks(world, layout, archs, tmp_path)
+    for arch in archs:
         for mode in SCOPES:
             for decode in ("lse", "gather"):
                 ref = reference[arch, mode, "gather"]  # one rank: both forms are the same code
+                where = f"{arch} {mode} decode={decode} P={world} {layout}"
+                want = {(layer, n): s for layer, n, s in ref["selections"]}
+                got_sel = merged_selections(results, (arch, mode, decode))
+                assert got_sel.keys() == want.keys(), where
+                for key, chosen in want.items():
+                    assert torch.equal(got_sel[key], chosen), f"{where}: layer {key[0]} n {key[1]}"
                 for rank, res in enumerate(results):
                     got = res[arch, mode, decode]
-                    where = f"{arch} {mode} decode={decode} P={world} rank {rank}"
-                    assert got["tokens"] == ref["tokens"], where
-                    assert len(got["selections"]) == len(ref["selections"]), where
-                    for (l1, n1, s1), (l2, n2, s2) in zip(got["selections"], ref["selections"], strict=True):
-                        assert (l1, n1) == (l2, n2) and torch.equal(s1, s2), f"{where}: layer {l1} n {n1}"
-                    # fp32: the sharded o_proj/MLP sum partial products across ranks in another order,
-                    # and the LSE merge adds softmax pieces in another order (~1e-7 relative per
-                    # layer); 1e-4 on logits of order 1 leaves margin.
+                    assert got["tokens"] == ref["tokens"], f"{where} rank {rank}"
+                    # fp32: sharded o_proj/MLP sums, the LSE merge and a model run over fewer tokens
+                    # per forward add in another order (~1e-7 relative per layer); 1e-4 on logits of
+                    # order 1 leaves margin.
                     torch.testing.assert_close(got["logits"], ref["logits"], atol=1e-4, rtol=0, msg=where)
-    assert [r["tensor_parallel"] for r in results] == [world in (2, 3)] * world
+    assert [r["tensor_parallel"] for r in results] == [layout == "tensor"] * world
     if world > 1:
         stats = results[0]["stats"]
         assert stats["topk_candidates"]["calls"] > 0 and stats["scope_kv"]["bytes"] > 0
         # LSE decode moves [H, d + 1] fp32 per layer and token: 6 heads x 17 x 4 bytes.
         per_call = stats["decode_partials"]["bytes"] / stats["decode_partials"]["calls"]
         assert per_call == 6 * 17 * 4
-        assert ("qkv_heads" in stats) == (world in (2, 3))
+        assert ("qkv_heads" in stats) == (layout == "tensor")
+        assert ("qkv_slab" in stats) == (layout == "sequence")
+        assert ("scope_lists" in stats) == (layout == "sequence")
+
+
+def test_one_token_pages_split_sequence_groups(reference, tmp_path):
+    """The default page (one token, the tightest bound on the rows an owner sends) at P = 2."""
+    results = run_ranks(2, "sequence", ("qwen2",), tmp_path, page=1)
+    for mode in SCOPES:
+        ref = reference["qwen2", mode, "gather"]
+        for res in results:
+            assert res["qwen2", mode, "lse"]["tokens"] == ref["tokens"], mode
+            torch.testing.assert_close(res["qwen2", mode, "lse"]["logits"], ref["logits"], atol=1e-4, rtol=0)
 
 
 def _hung_worker(rank: int, world: int, port: int, path: str) -> None:

@@ -67,20 +67,21 @@ class ReAttnModel:
     Args:
         model: the HF ``*ForCausalLM``, whole (not yet sharded).
         comm: the ranks to shard over; with several ranks and ``tensor_parallel``, the linear layers
-            are split by DeepSpeed AutoTP and each rank's attention gets only its own heads.
+            are split by DeepSpeed AutoTP and each rank's attention gets only its own heads;
+            otherwise every rank holds the whole model (sequence groups).
     """
 
-    def __init__(self, model, comm: Comm | None = None, tensor_parallel: bool = True):
+    def __init__(self, model, comm: Comm | None = None, tensor_parallel: bool = False):
         _register()
         comm = comm or Comm.single()
         self.spec = spec_from_hf_config(model.config)
-        # AutoTP splits whole KV heads: with more ranks than KV heads, only the cache and the scoring
-        # are sharded and every rank computes the whole model.
+        # AutoTP splits whole KV heads: with more ranks than KV heads every rank keeps the whole
+        # model and the engine uses sequence groups instead.
         self.tensor_parallel = tensor_parallel and 1 < comm.world <= self.spec.kv_heads
         if tensor_parallel and comm.world > self.spec.kv_heads:
             log.warning(
                 f"tensor parallelism off: {comm.world} ranks > {self.spec.kv_heads} KV heads; "
-                "the KV cache and scoring stay sharded"
+                "using sequence groups (parallel.layout=sequence)"
             )
         if self.tensor_parallel:
             model = tp.shard(model, comm)

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 
-from ..cache import MemoryPlan, plan_for_scope
 from ..config import Config, ConfigError, ScopeConfig, apply_dict
 from ..distributed import Comm
 from ..models.load import load_spec, load_tokenizer, resolve
 from ..models.spec import ModelSpec
+from ..plan import MemoryPlan, plan_for_scope
 from ..report.results import append_record, read_records
 from ..runtime import Prepared, build_engine, pick_device, pick_dtype, prepare
 

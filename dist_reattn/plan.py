@@ -1,0 +1,148 @@
+"""The memory plan: what one rank needs, made before anything is allocated or any weight loads.
+
+KV per rank is ``ceil(N / P)`` (whole pages) x layers x Hkv x d x 2 x dtype bytes; with several
+ranks each also keeps the replicated window (:class:`dist_reattn.cache.Window`); the rest bounds
+the transient tensors of one forward.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .cache import local_capacity, window_size
+from .config import ConfigError, ScopeConfig
+from .models.spec import ModelSpec
+
+DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes one rank needs, against what its device has free."""
+
+    device: str
+    kv_bytes: int
+    weight_bytes: int
+    activation_bytes: int
+    available_bytes: int
+    window_bytes: int = 0
+    """The replicated sink and recent-token window (several ranks only)."""
+
+    @property
+    def total(self) -> int:
+        return self.kv_bytes + self.window_bytes + self.weight_bytes + self.activation_bytes
+
+    def fits(self) -> bool:
+        return self.total <= self.available_bytes
+
+    def describe(self) -> str:
+        window = f" + window {gib(self.window_bytes)}" if self.window_bytes else ""
+        return (
+            f"per rank on {self.device}: KV {gib(self.kv_bytes)}{window} + weights {gib(self.weight_bytes)} + "
+            f"activations {gib(self.activation_bytes)} = {gib(self.total)}; available {gib(self.available_bytes)}"
+        )
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free memory of the device: GPU free memory, or the host's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_memory(
+    spec: ModelSpec,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    chunk: int,
+    max_scope: int,
+    full_mode: bool,
+    world: int = 1,
+    page: int = 1,
+    slab: int = 1,
+    sink: int = 0,
+    local: int = 0,
+) -> MemoryPlan:
+    """Plans one rank's memory for a cache of ``tokens`` tokens, before any weight is loaded.
+
+    The activation term bounds the transient tensors of one forward of ``slab`` chunks: the blocked
+    score tiles, the scope K/V of every chunk with their rotated copies (and, with several ranks,
+    the send and receive buffers of the compacted scope K/V exchange, each at most the scope's
+    size), the masks, the attention scores of the math SDPA path (CPU; the GPU's fused kernels keep
+    them on chip), and the MLP intermediates. Weights count whole: with sequence groups every rank
+    holds the whole model, and under tensor parallelism every rank loads it whole before AutoTP
+    shards it.
+    """
+    b = DTYPE_BYTES[dtype]
+    rows = local_capacity(tokens, world, page, 0)
+    kv = rows * spec.kv_bytes_per_token(b)
+    window = 0
+    if world > 1:
+        window = (window_size(sink, local, slab * chunk) + sink) * spec.kv_bytes_per_token(b)
+    weights = spec.n_params() * b
+    scope = tokens if full_mode else min(tokens, max_scope)
+    batch = 1 if full_mode else slab  # chunks attending at once (full mode attends chunk by chunk)
+    # Per chunk: the bool mask, and either the additive bias SDPA's fused kernel builds from it (GPU,
+    # bounded at one per head in the model dtype) or the math path's fp32 scores (CPU).
+    scores = chunk * scope * (1 + spec.heads * (b if device.type == "cuda" else 4))
+    exchange = 2 * 2 * scope * spec.kv_heads * spec.head_dim * b if world > 1 else 0
+    act = (
+        spec.heads * chunk * 4096 * 4 * 2  # score block + its top-k working set, fp32
+        + batch * 4 * scope * spec.heads * spec.head_dim * b  # scope K, V and their rotated copies
+        + batch * (scores + exchange)
+        + 4 * slab * chunk * spec.intermediate * 4  # MLP intermediates of the slab's tokens (fp32 bound)
+        + spec.vocab * 4 * 4  # the last token's logits
+    )
+    return MemoryPlan(str(device), kv, weights, act, available_bytes(device), window)
+
+
+def plan_for_scope(
+    spec: ModelSpec,
+    scope: ScopeConfig,
+    tokens: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    world: int = 1,
+    page: int = 1,
+) -> MemoryPlan:
+    """:func:`plan_memory` for a run with these scope settings (chunk, slab, scope size, mode)."""
+    return plan_memory(
+        spec,
+        tokens,
+        dtype,
+        device,
+        chunk=scope.chunk,
+        max_scope=scope.max_scope(),
+        full_mode=scope.mode == "full",
+        world=world,
+        page=page,
+        slab=scope.slab_on(device.type),
+        sink=scope.sink,
+        local=scope.local,
+    )
+
+
+def check_memory(plan: MemoryPlan, tokens: int, world: int) -> None:
+    """Refuses a run that cannot fit, with the numbers and what to change."""
+    if plan.fits():
+        return
+    raise ConfigError(
+        f"does not fit: {tokens} tokens need {plan.describe()}; "
+        f"use more ranks (now {world}), a shorter --len, or a smaller dtype (--model.dtype=bf16)"
+    )
