@@ -480,6 +480,7 @@ if triton is not None:
             j = tl.min(tl.where(a == tau[:, None], t, 2147483647), axis=1)
             pick = tl.where(slots[None, :] == r, j[:, None], pick)
             a = tl.where(t == j[:, None], float("-inf"), a)
+            t = tl.where(t == j[:, None], 2147483647, t)  # once only NO_TILE is left, pick that
         tl.store(tau_ptr + kvh * rows_pad + rows, tau)
         row_off = (kvh * rows_pad + rows).to(tl.int64)[:, None] * TOPK_PAD
         tl.store(picks_ptr + row_off + slots[None, :], pick)
