@@ -541,7 +541,8 @@ if triton is not None:
         ascending, that :func:`_plan_kernel` listed for it. ``FILTER`` 1: a row takes every key of
         its own picked tiles, and from the block's other tiles only scores at or above its bound
         ``tau`` (pass 1's k-th tile max, an optimisation: the proof in :func:`_two_pass` needs only
-        the own tiles). ``FILTER`` 0: every key of every listed tile."""
+        the own tiles). ``FILTER`` 0: every key of every listed tile. ``FILTER`` 2 (benchmark
+        baseline only, not exact): session 4's ``s >= tau`` alone."""
         pid_m = tl.program_id(0)
         kvh = tl.program_id(1)
         rows, row_ok, tok, head, q = _load_q(
@@ -550,8 +551,9 @@ if triton is not None:
         best_v, best_i, thr, worst_i = _empty_lists(row_ok, TOPK, TOPK_PAD, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
         slots = tl.arange(0, TOPK_PAD)
-        if FILTER:
+        if FILTER >= 1:
             tau = tl.load(tau_ptr + kvh * rows_pad + rows, mask=row_ok, other=float("inf"))
+        if FILTER == 1:
             row_off = (kvh * rows_pad + rows).to(tl.int64)[:, None] * TOPK_PAD
             own = tl.load(picks_ptr + row_off + slots[None, :], mask=row_ok[:, None], other=2147483647)
 
@@ -567,11 +569,13 @@ if triton is not None:
             col_ok = keys < end
             kt = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn, mask=col_ok[None, :], other=0.0)
             s = _score(q, kt, UPCAST, IEEE)
-            if FILTER:
+            if FILTER == 1:
                 # Never ``s >= tau`` alone: pass 2 recomputes with another tile shape, so a row's
                 # winner at ``tau`` can come out a few ulps below it (DESIGN.md section 7).
                 mine = tl.max((own == tile).to(tl.int32), axis=1) > 0
                 keep = col_ok[None, :] & ((s >= tau[:, None]) | mine[:, None])
+            elif FILTER == 2:  # session 4's filter, inexact: a benchmark baseline only
+                keep = col_ok[None, :] & (s >= tau[:, None])
             else:
                 keep = col_ok[None, :]
             s = tl.where(keep, s, float("-inf"))
@@ -695,7 +699,9 @@ def score_topk(
             ``num_warps2`` and ``num_stages2`` for its second pass and ``FILTER`` for what the
             second pass merges (1, the default: a row takes all keys of its own k picked tiles and
             the keys of its block's other listed tiles that score at least its bound ``tau``; 0:
-            all keys of all listed tiles; both exact, see :func:`_two_pass`); for the one-pass kernel ``MERGE`` (0: one packed
+            all keys of all listed tiles; both exact, see :func:`_two_pass`; 2: only keys at or
+            above ``tau``, session 4's filter, NOT exact, a same-run baseline for benchmarks like
+            ``SCORE_ONLY``); for the one-pass kernel ``MERGE`` (0: one packed
             pass finds the single entry above a row's threshold, the default; 1: two passes) and
             ``SCORE_ONLY`` (benchmark floor: scores only, wrong results).
 
@@ -727,7 +733,7 @@ def score_topk(
     if cfg.get("TWO_PASS"):
         assert topk <= 4, f"TWO_PASS keeps four tile maxima per row: topk {topk} > 4"
         assert not cfg.get("SCORE_ONLY"), "SCORE_ONLY is a one-pass option: add TWO_PASS=False"
-        assert cfg.get("FILTER", 1) in (0, 1), f"FILTER is 0 or 1, got {cfg.get('FILTER')}"
+        assert cfg.get("FILTER", 1) in (0, 1, 2), f"FILTER is 0, 1 or 2, got {cfg.get('FILTER')}"
         return _two_pass(q, k, start, end, topk, splits, cfg)
     assert "FILTER" not in cfg, "FILTER is a two-pass option: add TWO_PASS=True (topk <= 4)"
     part_v, part_i = _one_pass(q, k, start, end, topk, splits, cfg)
