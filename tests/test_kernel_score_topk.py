@@ -30,9 +30,9 @@ needs_gpu = pytest.mark.skipif(
     not torch.cuda.is_available() or kmod.triton is None or kmod.INTERPRETED,
     reason="needs a CUDA GPU and compiled triton (TRITON_INTERPRET unset)",
 )
-# In the interpreter tl.dot on bf16 is wrong (the launcher upcasts there, but the production dtype
-# is only worth testing where it is compiled).
-DTYPES = [torch.float16, torch.float32] + ([] if kmod.INTERPRETED else [torch.bfloat16])
+# In the interpreter tl.dot on bf16 is wrong (the launcher upcasts there): fp16 and fp32 (IEEE dot).
+# Compiled: fp16 and bf16, the production dtype (fp32 compiled: test_kernel_dtypes_and_strides).
+DTYPES = [torch.float16, torch.float32] if kmod.INTERPRETED else [torch.float16, torch.bfloat16]
 
 
 def dense_topk(q, k, start, end, topk):
