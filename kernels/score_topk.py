@@ -20,8 +20,8 @@ Two Triton paths, the same results:
   second small kernel merges the ``splits * topk`` candidates of each row into the sorted result.
 * Two-pass (prefill at topk <= 4, the default there): the same programs keep only each row's four
   largest tile maxima (no merge in the scan); a small kernel picks each row's k best tiles; a
-  second pass runs the exact merge over just those tiles. See :func:`_two_pass` for why no winner
-  can be missed.
+  second pass runs the exact merge over just those tiles (a row's own picked tiles whole). See
+  :func:`_two_pass` for why no winner can be missed, whatever the rounding of either pass.
 """
 
 from __future__ import annotations
