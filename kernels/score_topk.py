@@ -20,8 +20,8 @@ Two Triton paths, the same results:
   second small kernel merges the ``splits * topk`` candidates of each row into the sorted result.
 * Two-pass (prefill at topk <= 4, the default there): the same programs keep only each row's four
   largest tile maxima (no merge in the scan); a small kernel picks each row's k best tiles; a
-  second pass runs the exact merge over just those tiles. See :func:`_two_pass` for why no winner
-  can be missed.
+  second pass runs the exact merge over just those tiles (a row's own picked tiles whole). See
+  :func:`_two_pass` for why no winner can be missed, whatever the rounding of either pass.
 """
 
 from __future__ import annotations
@@ -448,6 +448,7 @@ if triton is not None:
         cand_a_ptr,
         cand_t_ptr,
         tau_ptr,
+        picks_ptr,
         ids_ptr,
         count_ptr,
         n_cand,
@@ -459,8 +460,10 @@ if triton is not None:
         CAND_PAD: tl.constexpr,
     ):
         """Between the passes, per block of ``BLOCK_M`` rows of one KV head: each row's TOPK best
-        listed tiles (tile max descending, then tile ascending), its bound ``tau`` (the TOPK-th of
-        those maxima), and the block's tiles to revisit, once each, ascending, then NO_TILE."""
+        listed tiles (tile max descending, then tile ascending) into ``picks`` [Hkv, rows_pad,
+        TOPK_PAD] (NO_TILE past TOPK and where a row has fewer tiles), its bound ``tau`` (the
+        TOPK-th of those maxima), and the block's tiles to revisit, once each, ascending, then
+        NO_TILE."""
         pid = tl.program_id(0)
         kvh = tl.program_id(1)
         local = tl.arange(0, BLOCK_M)
@@ -477,7 +480,10 @@ if triton is not None:
             j = tl.min(tl.where(a == tau[:, None], t, 2147483647), axis=1)
             pick = tl.where(slots[None, :] == r, j[:, None], pick)
             a = tl.where(t == j[:, None], float("-inf"), a)
+            t = tl.where(t == j[:, None], 2147483647, t)  # once only NO_TILE is left, pick that
         tl.store(tau_ptr + kvh * rows_pad + rows, tau)
+        row_off = (kvh * rows_pad + rows).to(tl.int64)[:, None] * TOPK_PAD
+        tl.store(picks_ptr + row_off + slots[None, :], pick)
         # The block's picks go through its slice of ``ids`` to come back as one flat vector.
         block_ids = ids_ptr + (kvh * n_blocks + pid).to(tl.int64) * (BLOCK_M * TOPK_PAD)
         tl.store(block_ids + local[:, None] * TOPK_PAD + slots[None, :], pick)
@@ -500,6 +506,7 @@ if triton is not None:
         q_ptr,
         k_ptr,
         tau_ptr,
+        picks_ptr,
         ids_ptr,
         count_ptr,
         out_v_ptr,
@@ -528,18 +535,27 @@ if triton is not None:
         UPCAST: tl.constexpr,
         IEEE: tl.constexpr,
         MERGE: tl.constexpr,
+        FILTER: tl.constexpr,
     ):
         """Second pass: exact, sorted top-k of one block of rows over the ``count`` distinct tiles,
-        ascending, that :func:`_plan_kernel` listed for it. A score below its row's bound ``tau``
-        (the k-th largest tile max: no key under it can be among the k best) is left out."""
+        ascending, that :func:`_plan_kernel` listed for it. ``FILTER`` 1: a row takes every key of
+        its own picked tiles, and from the block's other tiles only scores at or above its bound
+        ``tau`` (pass 1's k-th tile max, an optimisation: the proof in :func:`_two_pass` needs only
+        the own tiles). ``FILTER`` 0: every key of every listed tile. ``FILTER`` 2 (benchmark
+        baseline only, not exact): session 4's ``s >= tau`` alone."""
         pid_m = tl.program_id(0)
         kvh = tl.program_id(1)
         rows, row_ok, tok, head, q = _load_q(
             q_ptr, pid_m, kvh, n_rows, group, stride_qc, stride_qh, HEAD_DIM, BLOCK_M, UPCAST
         )
-        tau = tl.load(tau_ptr + kvh * rows_pad + rows, mask=row_ok, other=float("inf"))
         best_v, best_i, thr, worst_i = _empty_lists(row_ok, TOPK, TOPK_PAD, BLOCK_M)
         dims = tl.arange(0, HEAD_DIM)
+        slots = tl.arange(0, TOPK_PAD)
+        if FILTER >= 1:
+            tau = tl.load(tau_ptr + kvh * rows_pad + rows, mask=row_ok, other=float("inf"))
+        if FILTER == 1:
+            row_off = (kvh * rows_pad + rows).to(tl.int64)[:, None] * TOPK_PAD
+            own = tl.load(picks_ptr + row_off + slots[None, :], mask=row_ok[:, None], other=2147483647)
 
         blk = kvh * n_blocks + pid_m
         count = tl.minimum(tl.load(count_ptr + blk), n_ids)
@@ -547,15 +563,24 @@ if triton is not None:
         offs_n = tl.arange(0, BLOCK_N)
         k_head = k_ptr + kvh * stride_kh + dims[:, None]
         for i in range(0, count):
-            base = start + tl.load(ids + i) * BLOCK_N
+            tile = tl.load(ids + i)
+            base = start + tile * BLOCK_N
             keys = base + offs_n
             col_ok = keys < end
             kt = tl.load(k_head + keys.to(tl.int64)[None, :] * stride_kn, mask=col_ok[None, :], other=0.0)
             s = _score(q, kt, UPCAST, IEEE)
-            s = tl.where(col_ok[None, :] & (s >= tau[:, None]), s, float("-inf"))
+            if FILTER == 1:
+                # Never ``s >= tau`` alone: pass 2 recomputes with another tile shape, so a row's
+                # winner at ``tau`` can come out a few ulps below it (DESIGN.md section 7).
+                mine = tl.max((own == tile).to(tl.int32), axis=1) > 0
+                keep = col_ok[None, :] & ((s >= tau[:, None]) | mine[:, None])
+            elif FILTER == 2:  # session 4's filter, inexact: a benchmark baseline only
+                keep = col_ok[None, :] & (s >= tau[:, None])
+            else:
+                keep = col_ok[None, :]
+            s = tl.where(keep, s, float("-inf"))
             best_v, best_i, thr, worst_i = _merge_tile(s, offs_n, base, best_v, best_i, thr, worst_i, MERGE)
 
-        slots = tl.arange(0, TOPK_PAD)
         v = tl.where((best_i < 0) | (slots[None, :] >= TOPK), float("-inf"), best_v)
         ix = tl.where(best_i < 0, -1, best_i).to(tl.int64)
         _store_sorted(v, ix, out_v_ptr, out_i_ptr, tok * stride_oc + head * stride_oh, row_ok, TOPK)
@@ -586,14 +611,9 @@ def default_config(n_rows: int, head_dim: int, topk: int, two_pass: bool | None 
     if two_pass is None:
         two_pass = topk <= 4 and n_rows >= TWO_PASS_MIN_ROWS
     if INTERPRETED:  # every program costs ~2 ms there; small tiles keep the masked paths exercised
-        return {
-            "BLOCK_M": max(16, min(32, _next_pow2(n_rows))),
-            "BLOCK_N": 32,
-            "num_warps": 4,
-            "num_stages": 1,
-            "TWO_PASS": two_pass,
-            "BLOCK_M2": 16,
-        }
+        cfg = {"BLOCK_M": max(16, min(32, _next_pow2(n_rows))), "BLOCK_N": 32, "num_warps": 4, "num_stages": 1,
+               "TWO_PASS": two_pass}  # fmt: skip
+        return {**cfg, "BLOCK_M2": 16, "FILTER": 1} if two_pass else cfg
     # From the H100 sweeps (kernels/NOTES.md). The two-pass path's first pass has no merge, so it
     # takes the tiles where the dot is fastest (256 x 64). In the one-pass kernel the merge, not the
     # dot, sets the time: a tile of 64 x 64 has a quarter of the rows x keys of 128 x 128 per "does
@@ -603,7 +623,7 @@ def default_config(n_rows: int, head_dim: int, topk: int, two_pass: bool | None 
     if two_pass:
         return {"BLOCK_M": min(256, max(16, _next_pow2(n_rows))), "BLOCK_N": 64,
                 "num_warps": 8 if head_dim >= 128 else 4, "num_stages": 3, "TWO_PASS": True, "BLOCK_M2": 16,
-                "num_warps2": 1, "num_stages2": 3}  # fmt: skip
+                "num_warps2": 1, "num_stages2": 3, "FILTER": 1}  # fmt: skip
     if n_rows <= 16:  # decode: bandwidth-bound
         return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MERGE": 1, "TWO_PASS": False}
     if head_dim >= 128 and topk <= 4 and n_rows >= 128:
@@ -623,7 +643,7 @@ TWO_PASS_MIN_ROWS = 128
 # Tile number that names no tile (sorts after every real one).
 NO_TILE = 2**31 - 1
 _CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "MERGE", "SCORE_ONLY", "TWO_PASS",
-                "BLOCK_M2", "num_warps2", "num_stages2"}  # fmt: skip
+                "BLOCK_M2", "num_warps2", "num_stages2", "FILTER"}  # fmt: skip
 
 _SM_COUNT: dict[int, int] = {}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -676,7 +696,12 @@ def score_topk(
         config: overrides, for benchmarks: ``BLOCK_M``, ``BLOCK_N`` (<= 256), ``num_warps``,
             ``num_stages``; ``TWO_PASS`` (topk <= 4 only: tile maxima first, then an exact top-k
             over the tiles that can hold a winner; the prefill default), with ``BLOCK_M2``,
-            ``num_warps2`` and ``num_stages2`` for its second pass; for the one-pass kernel ``MERGE`` (0: one packed
+            ``num_warps2`` and ``num_stages2`` for its second pass and ``FILTER`` for what the
+            second pass merges (1, the default: a row takes all keys of its own k picked tiles and
+            the keys of its block's other listed tiles that score at least its bound ``tau``; 0:
+            all keys of all listed tiles; both exact, see :func:`_two_pass`; 2: only keys at or
+            above ``tau``, session 4's filter, NOT exact, a same-run baseline for benchmarks like
+            ``SCORE_ONLY``); for the one-pass kernel ``MERGE`` (0: one packed
             pass finds the single entry above a row's threshold, the default; 1: two passes) and
             ``SCORE_ONLY`` (benchmark floor: scores only, wrong results).
 
@@ -708,7 +733,9 @@ def score_topk(
     if cfg.get("TWO_PASS"):
         assert topk <= 4, f"TWO_PASS keeps four tile maxima per row: topk {topk} > 4"
         assert not cfg.get("SCORE_ONLY"), "SCORE_ONLY is a one-pass option: add TWO_PASS=False"
+        assert cfg.get("FILTER", 1) in (0, 1, 2), f"FILTER is 0, 1 or 2, got {cfg.get('FILTER')}"
         return _two_pass(q, k, start, end, topk, splits, cfg)
+    assert "FILTER" not in cfg, "FILTER is a two-pass option: add TWO_PASS=True (topk <= 4)"
     part_v, part_i = _one_pass(q, k, start, end, topk, splits, cfg)
 
     out_v = torch.empty((c, H, topk), dtype=torch.float32, device=q.device)
@@ -783,15 +810,51 @@ def _two_pass(q, k, start, end, topk, splits, cfg):
     """Top-k by tile maxima first; returns the sorted ``[c, H, topk]`` scores and indices.
 
     Pass 1 keeps, per row and split, the four largest tile maxima and their tiles (ties to the
-    earlier tile). Over all splits, a row's k best of those (max descending, then tile ascending) are
-    the k best tiles of the whole range, and they hold its k best keys: the k-th of their maxima,
-    ``tau``, is a lower bound of the row's k-th best score (k distinct keys reach it), so a winner
-    lies in a tile whose max is at least ``tau``; all tiles above ``tau`` are among the k, and of the
-    tiles whose max equals ``tau`` the k take the earliest, each holding a key at ``tau`` that comes
-    before every key of a later one. A small kernel lists, per block of ``BLOCK_M2`` rows, the union
-    of its rows' k tiles; pass 2 scores only those, in key order, with the one-pass kernel's exact
-    merge, leaving out scores below their row's ``tau``.
+    earlier tile). A small kernel picks each row's k best of those over all splits (max descending,
+    then tile ascending), its bound ``tau`` (the k-th of their maxima), and lists per block of
+    ``BLOCK_M2`` rows the union of its rows' picks; pass 2 scores only the listed tiles, in key
+    order, with the one-pass kernel's exact merge. A row merges (``FILTER`` 1) every key of its own
+    k picked tiles plus the keys of the block's other tiles that score at least ``tau``, or
+    (``FILTER`` 0) every key of every listed tile. Call ``S`` the keys a row merges; its result is
+    the exact top-k of ``S`` by pass 2's scores.
+
+    Why that is the top-k of all keys. Pass 2 recomputes scores with another tile shape (and
+    warps), so its score of a key may differ from pass 1's in the last bits; nothing below assumes
+    they agree. Let ``x`` be a key's exact score and ``e`` a bound on the error of any computed
+    score (fp32 sums of d products: ``e <= ~d * 2^-24 * sum_i |q_i k_i|``). First, a tile the row
+    did not pick has its pass-1 max at most ``tau``: if listed among its candidates, the k picked
+    come before it; if not, its split kept four (>= k) candidates at or above it, so the k-th
+    overall is too. Hence every key outside ``S`` has ``x <= tau + e`` (its tile was not picked, and
+    with ``FILTER`` 1 a key of a listed tile is left out only below ``tau``).
+
+    * No -1 where the row has >= k keys: the row's own picked tiles are all in ``S``. If it has at
+      least k non-empty tiles it picks k distinct ones, each holding a key; if fewer, every split
+      kept all of its (< 4) tiles, so it picks them all, i.e. all of its keys.
+    * In exact arithmetic (``e = 0``, e.g. integer-valued data) the result is the reference's:
+      the k picked maxima are k distinct keys reaching ``tau``, so the k-th best score is ``>= tau``,
+      and every key outside ``S`` scores ``<= tau`` and, if equal, comes after the picked keys at
+      ``tau`` (the earliest tiles at ``tau`` are picked, and tiles hold ascending keys). So ``S``
+      holds the true top-k, ties included, and the top-k of a subset holding it is the same.
+    * With rounding: the maxima of the k picked tiles are k keys of ``S`` with ``x >= tau - e``,
+      so pass 2 scores them ``>= tau - 2e`` and the weakest key returned has ``x >= tau - 3e``. A
+      key the reference keeps and we do not is either outside ``S`` (``x <= tau + e``: within
+      ``4e`` of the weakest key returned) or lost inside ``S`` to a key whose pass-2 score beats
+      its own (exact scores within ``2e``). So results differ from the reference only between keys
+      whose exact scores lie within ``4e`` of each other (``6e`` in the reference's fp32 scores),
+      as the one-pass kernel's may within ``2e``; every score returned is pass 2's score of the key
+      returned.
+
+    The bound ``tau`` is only a filter (it cuts merge work in the other rows' tiles); ``FILTER`` 0
+    skips it. The benchmark picks between the two (kernels/NOTES.md, session 5).
     """
+    plan = _first_pass(q, k, start, end, topk, splits, cfg)
+    return _second_pass(q, k, start, end, topk, cfg, plan)
+
+
+def _first_pass(q, k, start, end, topk, splits, cfg):
+    """Pass 1 and the plan: ``(tau, picks, ids, count)``, as :func:`_plan_kernel` writes them
+    (``tau`` [Hkv, rows_pad] fp32, ``picks`` [Hkv, rows_pad, TOPK_PAD], ``ids`` [Hkv, n_blocks,
+    BLOCK_M2 * TOPK_PAD], ``count`` [Hkv, n_blocks], int32)."""
     c, H, d = q.shape
     Hkv = k.shape[1]
     g = H // Hkv
@@ -806,31 +869,40 @@ def _two_pass(q, k, start, end, topk, splits, cfg):
 
     cand_a = torch.empty((Hkv, rows_pad, splits * 4), dtype=torch.float32, device=q.device)
     cand_t = torch.empty((Hkv, rows_pad, splits * 4), dtype=torch.int32, device=q.device)
-    upcast, ieee = INTERPRETED, q.dtype == torch.float32
     _tile_max_kernel[(row_blocks, splits, Hkv)](
         q, k, cand_a, cand_t,
         n_rows, g, start, end, split_len,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cand_a.stride(0), cand_a.stride(1),
-        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=upcast, IEEE=ieee,
+        HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRETED, IEEE=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     n_blocks, topk_pad = rows_pad // block_m2, max(2, _next_pow2(topk))
     tau = torch.empty((Hkv, rows_pad), dtype=torch.float32, device=q.device)
+    picks = torch.empty((Hkv, rows_pad, topk_pad), dtype=torch.int32, device=q.device)
     ids = torch.empty((Hkv, n_blocks, block_m2 * topk_pad), dtype=torch.int32, device=q.device)
     count = torch.empty((Hkv, n_blocks), dtype=torch.int32, device=q.device)
     _plan_kernel[(n_blocks, Hkv)](
-        cand_a, cand_t, tau, ids, count, splits * 4, rows_pad, n_blocks,
+        cand_a, cand_t, tau, picks, ids, count, splits * 4, rows_pad, n_blocks,
         TOPK=topk, TOPK_PAD=topk_pad, BLOCK_M=block_m2, CAND_PAD=_next_pow2(splits * 4), num_warps=1,
     )  # fmt: skip
+    return tau, picks, ids, count
 
+
+def _second_pass(q, k, start, end, topk, cfg, plan):
+    """Pass 2 over the tiles ``plan`` (from :func:`_first_pass`) lists: sorted ``[c, H, topk]``."""
+    tau, picks, ids, count = plan
+    c, H, d = q.shape
+    Hkv = k.shape[1]
+    g = H // Hkv
+    n_blocks, rows_pad = ids.shape[1], tau.shape[1]
     out_v = torch.empty((c, H, topk), dtype=torch.float32, device=q.device)
     out_i = torch.empty((c, H, topk), dtype=torch.int64, device=q.device)
     _revisit_kernel[(n_blocks, Hkv)](
-        q, k, tau, ids, count, out_v, out_i,
-        n_rows, g, start, end, ids.shape[-1], n_blocks, rows_pad,
+        q, k, tau, picks, ids, count, out_v, out_i,
+        g * c, g, start, end, ids.shape[-1], n_blocks, rows_pad,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out_v.stride(0), out_v.stride(1),
-        HEAD_DIM=d, TOPK=topk, TOPK_PAD=topk_pad, BLOCK_M=block_m2, BLOCK_N=block_n,
-        UPCAST=upcast, IEEE=ieee, MERGE=cfg.get("MERGE", 0),
-        num_warps=cfg.get("num_warps2", 1), num_stages=cfg.get("num_stages2", 3),
+        HEAD_DIM=d, TOPK=topk, TOPK_PAD=picks.shape[-1], BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N"],
+        UPCAST=INTERPRETED, IEEE=q.dtype == torch.float32, MERGE=cfg.get("MERGE", 0),
+        FILTER=cfg.get("FILTER", 1), num_warps=cfg.get("num_warps2", 1), num_stages=cfg.get("num_stages2", 3),
     )  # fmt: skip
     return out_v, out_i

@@ -9,6 +9,14 @@ topk 16 (second table); the reference (whose cost hardly depends on topk) and SD
     python launch/bench_topk.py --out launch/results/bench_topk-H100-2026-11-24.md
     python launch/bench_topk.py --sweep        # tile/split variants at a few points, no table
     python launch/bench_topk.py --variants     # merge variants and the scores-only floor
+
+``--compare FILE`` times only the kernel, for each ``--config`` (overrides such as ``FILTER=0``),
+at ``--models`` x ``--n`` x ``--c`` x ``--topk``, beside FILE's figures (a table this script wrote)
+and the ceilings measured in the same run. The two-pass filters at topk 4, c = 2048 (issue 13;
+FILTER 2 is session 4's inexact filter, the same-run baseline), about a minute:
+
+    python launch/bench_topk.py --compare launch/results/bench_topk-twopass-H100-2026-11-24.md \
+        --c 2048 --n 262144 1048576 4194304 --topk 4 --config FILTER=2 --config FILTER=1 --config FILTER=0
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import argparse
 import datetime
 import itertools
 import platform
+import re
 import sys
 
 import torch
@@ -238,6 +247,73 @@ def sweep():
         torch.cuda.empty_cache()
 
 
+def parse_config(text: str) -> dict:
+    """``"FILTER=0,BLOCK_M2=32"`` -> ``{"FILTER": 0, "BLOCK_M2": 32}`` (ints, True/False); ``""`` -> {}."""
+    cfg = {}
+    for item in filter(None, text.split(",")):
+        key, _, val = (x.strip() for x in item.partition("="))
+        cfg[key] = {"True": True, "False": False}[val] if val in ("True", "False") else int(val)
+    return cfg
+
+
+def read_table(path: str) -> tuple[float | None, dict]:
+    """A table this script wrote: ``(matmul TFLOP/s of its run, {(topk, model, c, N in K): kernel ms})``."""
+    text = open(path).read()
+    m = re.search(r"dense bf16 matmul 8192\^3 (\d+(?:\.\d+)?) TFLOP/s", text)
+    figures, topk = {}, None
+    for line in text.splitlines():
+        if line.startswith("## topk "):
+            topk = int(line.split()[2])
+        cells = [x.strip() for x in line.strip().strip("|").split("|")]
+        if topk is not None and len(cells) > 3 and cells[0] in MODELS and cells[2].endswith("K"):
+            figures[(topk, cells[0], int(cells[1]), int(cells[2][:-1]))] = float(cells[3])
+    return (float(m.group(1)) if m else None), figures
+
+
+def compare(args, mm_tflops):
+    """Kernel ms per ``--config`` at every point, beside the figures of ``args.compare``."""
+    old_tflops, old = read_table(args.compare)
+    configs = [(c or "default", parse_config(c)) for c in (args.config or [""])]
+    head = "| model | c | N | topk | committed ms | committed % matmul |"
+    rule = "|---|---:|---:|---:|---:|---:|"
+    for label, _ in configs:
+        head += f" {label} ms | vs committed | % matmul |"
+        rule += "---:|---:|---:|"
+    lines = []
+    print(head + "\n" + rule, flush=True)
+    for name in args.models:
+        H, Hkv, d = MODELS[name]
+        for N in args.n:
+            for c in args.c:
+
+                def make(c=c, N=N, H=H, Hkv=Hkv, d=d):
+                    q = torch.randn(c, H, d, device="cuda", dtype=torch.bfloat16)
+                    k = torch.randn(N, Hkv, d, device="cuda", dtype=torch.bfloat16)
+                    return q, k
+
+                rot = rotating(make, N * Hkv * d * 2)
+                flops = 2 * c * N * H * d
+                for topk in args.topk:
+                    ref = old.get((topk, name, c, N // 1024))
+                    ref_pct = f"{100 * flops / ref / 1e9 / old_tflops:.0f}%" if ref and old_tflops else "-"
+                    row = f"| {name} | {c} | {N // 1024}K | {topk} | {ref if ref else '-'} | {ref_pct} |"
+                    for _, cfg in configs:
+                        t = bench(
+                            rot(lambda q, k, N=N, tk=topk, cfg=cfg: score_topk(q, k, 0, N, tk, config=cfg))
+                        )
+                        vs = f"{t / ref:.3f}" if ref else "-"
+                        row += f" {t:.3f} | {vs} | {100 * flops / t / 1e9 / mm_tflops:.0f}% |"
+                    lines.append(row)
+                    print(row, flush=True)
+                del rot
+                torch.cuda.empty_cache()
+    return (
+        f"- compared with `{args.compare}` (its matmul ceiling {old_tflops} TFLOP/s); vs committed = "
+        f"this run's ms / the committed ms; % matmul against each run's own ceiling\n\n"
+        + "\n".join([head, rule] + lines)
+    )
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, nargs="+", default=[1 << 16, 1 << 18, 1 << 20, 1 << 22])
@@ -246,6 +322,17 @@ def main():
     p.add_argument("--sweep", action="store_true", help="time tile/split variants instead")
     p.add_argument("--variants", action="store_true", help="time the kernel's variants instead")
     p.add_argument("--no-ref", action="store_true", help="skip the (slow) torch reference")
+    p.add_argument(
+        "--compare", metavar="FILE", help="time the kernel only, per --config, beside FILE's table"
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        metavar="K=V[,K=V]",
+        help="with --compare: kernel config overrides to time (repeatable; default: the defaults)",
+    )
+    p.add_argument("--topk", type=int, nargs="+", default=list(TOPKS), help="with --compare: topks to time")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="with --compare")
     args = p.parse_args()
     assert torch.cuda.is_available(), "needs a CUDA GPU"
     if args.sweep or args.variants:
@@ -254,6 +341,23 @@ def main():
     dev = torch.cuda.get_device_name()
     mm_tflops, copy_gbs = ceilings()
     print(f"{dev}: dense bf16 matmul {mm_tflops:.0f} TFLOP/s, d2d copy {copy_gbs:.0f} GB/s", flush=True)
+    if args.compare:
+        table = compare(args, mm_tflops)
+        text = (
+            f"# score_topk comparison, {dev}\n\n"
+            f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+            f"- torch {torch.__version__}, triton {triton.__version__}, python {platform.python_version()}\n"
+            f"- command: `{' '.join([sys.executable.split('/')[-1]] + sys.argv)}`\n"
+            f"- ceilings measured in this run: dense bf16 matmul 8192^3 {mm_tflops:.0f} TFLOP/s; "
+            f"d2d copy {copy_gbs:.0f} GB/s (read + write)\n"
+            f"- bf16 inputs, keys [0, N); kernel ms is wall time on the stream (do_bench median, inputs "
+            f"rotated past L2)\n{table}\n"
+        )
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return
     rows = run_table(args, mm_tflops, copy_gbs)
     head = (
         f"# score_topk benchmark, {dev}\n\n"
