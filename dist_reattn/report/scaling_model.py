@@ -382,8 +382,13 @@ def _ref_rates(refs: list[Point], world: int) -> dict[str, dict] | None:
     return comm_rates(best) | {"_point": best}
 
 
-def comm_projection(f: Fit, n: float, world: int) -> dict[str, dict]:
-    """Per collective kind at (n, world): calls, bytes, bus bytes, seconds, and where each came from."""
+def comm_projection(f: Fit, n: float, world: int, achieved: bool = False) -> dict[str, dict]:
+    """Per collective kind at (n, world): calls, bytes, bus bytes, seconds, and where each came from.
+
+    Args:
+        achieved: time the bytes at the bus bandwidth the configuration achieved at its largest
+            measured P (waiting and overheads included: the pessimistic bound) instead of the benchmark's.
+    """
     if world == 1:
         return {}
     out = {}
@@ -414,7 +419,7 @@ def comm_projection(f: Fit, n: float, world: int) -> dict[str, dict]:
         calls = r["calls_per_token"] * n
         counted = r["bytes_per_token"] * n
         bus = bus_bytes(op, world, counted)
-        bench = pick_bench(f.benches, world)
+        bench = None if achieved else pick_bench(f.benches, world)
         if bench and op in bench.ops:
             lat, bw = bench.ops[op]["latency_s"], bench.ops[op]["busbw_Bps"]
             bw_how = f"bench {bench.backend} P={bench.world}"
@@ -426,7 +431,7 @@ def comm_projection(f: Fit, n: float, world: int) -> dict[str, dict]:
             m = rates[pm]
             m_bus = bus_bytes(op, pm, m["bytes_per_token"] * m["tokens"])
             lat, bw = 0.0, (m_bus / m["seconds"] if m["seconds"] > 0 else math.inf)
-            bw_how = f"effective at P={pm} (no --comm-bench)"
+            bw_how = f"achieved at P={pm}" + ("" if achieved else " (no --comm-bench)")
         secs = calls * lat + (bus / bw if bw > 0 else 0.0)
         out[kind] = {
             "op": op, "calls": calls, "bytes": counted, "bus_bytes": bus, "latency_s": lat,
@@ -435,14 +440,14 @@ def comm_projection(f: Fit, n: float, world: int) -> dict[str, dict]:
     return out
 
 
-def project(f: Fit, n: float, world: int) -> dict:
-    """The model's prefill at n prompt tokens on ``world`` ranks.
+def project(f: Fit, n: float, world: int, achieved: bool = False) -> dict:
+    """The model's prefill at n prompt tokens on ``world`` ranks (``achieved``: see :func:`comm_projection`).
 
     Returns:
         ``{"phases": {phase: s}, "comm": {kind: {...}}, "total": s}``; compute phases first, then
         ``comm:<kind>``.
     """
     ph = {p.phase: p.predict(n, world, f.scope) for p in f.phases}
-    comm = comm_projection(f, n, world)
+    comm = comm_projection(f, n, world, achieved)
     ph.update({f"comm:{k}": v["seconds"] for k, v in comm.items()})
     return {"phases": ph, "comm": comm, "total": sum(ph.values())}

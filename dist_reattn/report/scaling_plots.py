@@ -230,7 +230,12 @@ def plot_projection(projected: list[tuple], path: str | os.PathLike) -> bool:
                 [r["world"] for r in eff], [r["measured"]["efficiency"] for r in eff], ls="none", marker="s",
                 color=line.get_color(),
             )  # fmt: skip
-        points += [p for p in f.points if p not in points]
+        ax_t.plot(
+            ps, [r["achieved"]["total"] for r in rows], ls=":", marker="^", mfc="none", color=line.get_color(),
+            label=f"{name}: projection, collectives at achieved bw",
+        )  # fmt: skip
+        seen = f.points + [q for r in meas for q in r["measured"]["points"]]
+        points += [p for p in seen if p not in points]
     for ax in (ax_t, ax_e):
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted(worlds), [str(w) for w in sorted(worlds)])
@@ -238,7 +243,9 @@ def plot_projection(projected: list[tuple], path: str | os.PathLike) -> bool:
         ax.grid(alpha=0.3)
     ax_t.set_yscale("log")
     ax_t.set_ylabel("prefill seconds")
-    ax_t.set_title("dashed, hollow: PROJECTION (cost model); filled squares: measured", fontsize=10)
+    ax_t.set_title(
+        "hollow (dashed: bench bw, dotted: achieved bw): PROJECTION; squares: measured", fontsize=9
+    )
     ax_e.axhline(1.0, ls=":", color="gray")
     ax_e.set_ylim(0, 1.1)
     ax_e.set_ylabel("strong efficiency T_1/(P*T_P)")
