@@ -619,3 +619,28 @@ def test_bench_comm_on_two_gloo_ranks(tmp_path):
     assert "all_gather" in r.stdout and "fit: latency" in r.stdout
     (b,) = load_bench([out])
     assert b.world == 2 and b.ops["all_to_all"]["busbw_Bps"] > 0
+
+
+def test_layouts_make_series_of_their_own(tmp_path):
+    """P=2 runs in the sequence and the tensor layout: one strong series each, sharing P=1; the kind
+    names the records use (here a new one, qkv_slab) flow through as they are."""
+    a = write_run(tmp_path / "p1", [record(1, 16 * K, 100.0)])
+    seq = {**record(2, 16 * K, 52.0), "layout": "sequence"}
+    seq["collectives"] = {"qkv_slab": {"calls": 10, "bytes": 4096, "seconds": 0.5}}
+    seq["ranks"] = [{**rr, "collectives": seq["collectives"]} for rr in seq["ranks"]]
+    b = write_run(tmp_path / "seq", [seq])
+    c = write_run(tmp_path / "ten", [{**record(2, 16 * K, 70.0), "parallel": {"layout": "tensor"}}])
+    points, _ = load_points([a, b, c])
+    assert [p.id for p in points] == ["p1-16K", "p2-16K-sequence", "p2-16K-tensor"]
+    strong = [s for s in auto_series(points)[0] if s.kind == "strong"]
+    assert [[p.id for p in s.points] for s in strong] == [
+        ["p1-16K", "p2-16K-sequence"],
+        ["p1-16K", "p2-16K-tensor"],
+    ]
+    assert [round(s.rows()[1]["efficiency"], 3) for s in strong] == [round(100 / 104, 3), round(100 / 140, 3)]
+    assert set(collectives(points[1])) == {"qkv_slab"}
+    out = tmp_path / "report"
+    assert _load_launcher().main(["--from", str(a), str(b), str(c), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| p2-16K-sequence | 2 | on | sequence | lse |" in text
+    assert "| p2-16K-sequence | qkv_slab | 10 |" in text

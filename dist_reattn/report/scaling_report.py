@@ -152,11 +152,13 @@ def _phase_speedups(s: Series) -> list[str]:
 
 def _points_table(points: list[Point], differ: dict[tuple, str]) -> list[str]:
     several = len(set(differ.values())) > 1
+    layouts = any(p.layout for p in points)
     header = [
         "point",
         *(["config"] if several else []),
         "P",
         "TP",
+        *(["layout"] if layouts else []),
         "decode path",
         "length",
         "trials",
@@ -171,6 +173,7 @@ def _points_table(points: list[Point], differ: dict[tuple, str]) -> list[str]:
         rows.append(
             [
                 p.id, *([differ[p.variant]] if several else []), p.world, {True: "on", False: "off"}.get(p.tensor_parallel, "-"),
+                *([p.layout or "-"] if layouts else []),
                 p.decode or "-", length_label(p.length), p.trials,
                 ",".join(f"{d:g}" for d in depths), f"{p.prefill_s:.1f}", f"{p.throughput:,.1f}",
                 "-" if decode is None else f"{decode:.1f}", p.correct, p.source_text(),
