@@ -644,3 +644,27 @@ def test_layouts_make_series_of_their_own(tmp_path):
     text = (out / "report.md").read_text()
     assert "| p2-16K-sequence | 2 | on | sequence | lse |" in text
     assert "| p2-16K-sequence | qkv_slab | 10 |" in text
+
+
+def test_comm_rates_prefer_per_stage_counts(tmp_path):
+    """Where a record splits its collectives by stage (``profile.prefill.collectives``), the model uses
+    the prefill's; else the trial's totals, and says they include the decode."""
+    from dist_reattn.report.scaling_model import comm_rates
+
+    r = model_record(2, 64 * K)
+    plain = write_run(tmp_path / "plain", [r])
+    staged = dict(r, profile={"prefill": {**r["profile"]["prefill"], "collectives": {
+        "scope_kv": {"calls": 60, "bytes": 64 * K * 500, "seconds": 0.5, "op": "all_gather"}}}})  # fmt: skip
+    staged = write_run(tmp_path / "staged", [staged])
+    (p,) = load_points([plain])[0]
+    rates = comm_rates(p)
+    assert (
+        rates["scope_kv"]["bytes_per_token"] == pytest.approx(800.0) and not rates["scope_kv"]["prefill_only"]
+    )
+    (q,) = load_points([staged])[0]
+    rates = comm_rates(q)
+    assert set(rates) == {"scope_kv"} and rates["scope_kv"]["prefill_only"]
+    assert (
+        rates["scope_kv"]["bytes_per_token"] == pytest.approx(500.0)
+        and rates["scope_kv"]["op"] == "all_gather"
+    )

@@ -30,7 +30,9 @@ def _tag(variant: tuple) -> str:
 
 
 def _gbps(bps: float) -> str:
-    return "inf" if bps == float("inf") else f"{bps / 1e9:,.1f}"
+    if bps == float("inf"):
+        return "inf"
+    return f"{bps / 1e9:,.1f}" if bps >= 10e9 else f"{bps / 1e9:.3g}"
 
 
 def fits_of(points: list[Point], options: dict) -> tuple[list[Fit], list[str]]:
