@@ -348,7 +348,7 @@ def fit(
     kinds: dict[str, dict[int, dict]] = defaultdict(dict)
     ops: dict[str, str] = {}
     notes = []
-    for p, ph in prof:
+    for p, ph in sorted(prof, key=lambda x: x[0].tokens):  # the largest N at a P wins
         for kind, rate in comm_rates(p).items():
             if f"comm:{kind}" not in ph:
                 continue  # a decode-only kind
