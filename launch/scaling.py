@@ -1,7 +1,8 @@
-"""Scaling-efficiency report: strong and weak scaling of the NIAH prefill over P ranks.
+"""Scaling-efficiency report: strong and weak scaling of the NIAH prefill over P ranks, and a cost model.
 
 From run directories already written by launch/niah.py (series found automatically: one length at
-several P is a strong series, one length per rank at several P a weak one):
+several P is a strong series; N = X * sqrt(P) (constant scoring work per rank) or N = X * P at several
+P a weak one, its efficiency normalised by work, see dist_reattn/report/scaling.py):
 
     python launch/scaling.py --from runs/cpu16k-p1 runs/cpu16k-p2 runs/cpu16k-p4 runs/cpu8k-p1 runs/cpu32k-p4 \\
         --out launch/results/scaling-cpu-2026-11-24
@@ -20,6 +21,18 @@ other flag goes to niah.py):
         --depths 0.1,0.5,0.9 --out runs/scaling-16k
     python launch/scaling.py --strong-len 16K --ranks 1,2,4 --dry-run --out runs/x   # print the commands
 
+The weak series runs N(P) = X * sqrt(P) rounded to --weak-multiple tokens (8K: 8K, 11.5K, 16K at
+P = 1, 2, 4), which holds the quadratic scoring work per rank constant; ``--weak-growth linear`` runs
+N = X * P instead (the report normalises its efficiency by work either way).
+
+Cost model and projection (fitted on the P in --fit-ranks, default 1,2; collectives timed from a
+launch/bench_comm.py result measured in the same session; gloo runs of the same model at small N
+give the bytes per collective at other P):
+
+    python launch/scaling.py --from gpu/len1M-p1 gpu/len1M-p2 cpu/len8K-p1 cpu/len8K-p2 cpu/len8K-p4 \\
+        cpu/len8K-p8 --comm-bench bench/comm-p2.json bench/comm-p4.json \\
+        --project smollm2-135m=4M --project random:llama-3.1-8b=1M --project-ranks 1,2,4,8 --out rep
+
 Writes ``OUT/report.md`` with ``scaling.png``, ``phases.png``, ``collectives.png``, ``memory.png``.
 Bad input stops with one ``error:`` line and exit status 2.
 """
@@ -34,7 +47,17 @@ import sys
 from pathlib import Path
 
 from dist_reattn.config import MODES, ConfigError, format_count, parse_count
-from dist_reattn.report.scaling import ScalingError, auto_series, explicit_series, load_points, run_commands
+from dist_reattn.report.scaling import (
+    WEAK_GROWTH,
+    WEAK_MULTIPLE,
+    ScalingError,
+    auto_series,
+    explicit_series,
+    load_points,
+    run_commands,
+    sqrt_length,
+)
+from dist_reattn.report.scaling_model import OPS, load_bench
 from dist_reattn.report.scaling_report import write_report
 
 NIAH = Path(__file__).resolve().parent / "niah.py"
@@ -68,7 +91,50 @@ def parse_args(argv: list[str] | None = None):
         "--weak", nargs="+", default=[], metavar="DIR", help="run directories forming one weak series"
     )
     p.add_argument("--strong-len", default=None, help="run: strong series at this length (16K, 1M, ints)")
-    p.add_argument("--weak-len-per-rank", default=None, help="run: weak series at this length per rank")
+    p.add_argument(
+        "--weak-len-per-rank",
+        default=None,
+        help="run: weak series from this length at P=1, N(P) = X*sqrt(P) (see --weak-growth)",
+    )
+    p.add_argument(
+        "--weak-growth",
+        choices=WEAK_GROWTH,
+        default="sqrt",
+        help="run: sqrt (default; constant scoring work per rank) or linear (N = X*P, constant tokens per rank)",
+    )
+    p.add_argument(
+        "--weak-multiple",
+        type=int,
+        default=WEAK_MULTIPLE,
+        help=f"run/read: sqrt-grown lengths are rounded to a multiple of this (default {WEAK_MULTIPLE}: a chunk)",
+    )
+    p.add_argument(
+        "--comm-bench",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="launch/bench_comm.py results (one per P): latency and bus bandwidth for the cost model",
+    )
+    p.add_argument(
+        "--fit-ranks", default="1,2", help="the measured P the cost model is fitted on (default 1,2)"
+    )
+    p.add_argument(
+        "--project",
+        action="append",
+        default=[],
+        metavar="MODEL=LEN[,LEN]",
+        help="project this model at these lengths (repeatable); default: each fitted configuration at its largest length",
+    )
+    p.add_argument(
+        "--project-ranks", default="1,2,4,8", help="the P the projection table shows (default 1,2,4,8)"
+    )
+    p.add_argument(
+        "--comm-op",
+        action="append",
+        default=[],
+        metavar="KIND=OP",
+        help="the op of a collective kind the records do not name (all_gather, all_to_all, ...)",
+    )
     p.add_argument("--ranks", default="1,2,4", help="run: the P to run, comma list (default 1,2,4)")
     p.add_argument(
         "--mode", default="reattention", help="the NIAH mode run and reported (default reattention)"
@@ -104,8 +170,42 @@ def plan_runs(args) -> tuple[list[tuple[int, int, Path]], list[Path], list[Path]
     if args.weak_len_per_rank:
         w = parse_count(args.weak_len_per_rank)
         for r in ranks:
-            weak.append(runs.setdefault((w * r, r), out / f"len{format_count(w * r)}-p{r}"))
+            n = w * r if args.weak_growth == "linear" else sqrt_length(w, r, args.weak_multiple)
+            weak.append(runs.setdefault((n, r), out / f"len{format_count(n)}-p{r}"))
     return [(n, r, d) for (n, r), d in runs.items()], strong, weak
+
+
+def _ranks(text: str, flag: str) -> list[int]:
+    try:
+        ranks = sorted({int(x) for x in text.split(",")})
+    except ValueError as e:
+        raise ConfigError(f"{flag} {text!r}: give a comma list of rank counts, e.g. 1,2") from e
+    if not ranks or ranks[0] < 1:
+        raise ConfigError(f"{flag} {text!r}: rank counts are >= 1")
+    return ranks
+
+
+def model_options(args) -> dict:
+    """The cost-model options from the flags (checked)."""
+    targets: dict[str, list[int]] = {}
+    for item in args.project:
+        model, sep, lens = item.rpartition("=")
+        if not sep or not model:
+            raise ConfigError(f"--project {item!r}: give MODEL=LEN[,LEN], e.g. smollm2-135m=4M")
+        targets.setdefault(model, []).extend(parse_count(x) for x in lens.split(","))
+    ops = {}
+    for item in args.comm_op:
+        kind, sep, op = item.partition("=")
+        if not sep or op not in OPS:
+            raise ConfigError(f"--comm-op {item!r}: give KIND=OP with OP one of {', '.join(OPS)}")
+        ops[kind] = op
+    return {
+        "fit_ranks": _ranks(args.fit_ranks, "--fit-ranks"),
+        "project_ranks": _ranks(args.project_ranks, "--project-ranks"),
+        "targets": targets,
+        "benches": load_bench(args.comm_bench),
+        "ops": ops,
+    }
 
 
 def niah_command(length: int, world: int, run_dir: Path, args) -> list[str]:
@@ -155,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.mode not in MODES:
             raise ConfigError(f"--mode {args.mode!r}: give one of {', '.join(MODES)} (one mode per report)")
+        if args.weak_multiple < 1:
+            raise ConfigError(f"--weak-multiple {args.weak_multiple}: give a positive token count")
+        options = model_options(args)
         runs, strong, weak = plan_runs(args) if running else ([], args.strong, args.weak)
         if not (runs or args.from_dirs or strong or weak):
             raise ConfigError(
@@ -176,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 if d
             ]
         else:
-            series, more = auto_series(points)
+            series, more = auto_series(points, args.weak_multiple)
             notes += more
     except (ConfigError, ScalingError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -185,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     command = shlex.join(["python", os.path.relpath(__file__), *argv])
-    path = write_report(points, series, args.out, command, dirs, [*notes, *args.note], run_commands(dirs))
+    try:
+        path = write_report(
+            points, series, args.out, command, dirs, [*notes, *args.note], run_commands(dirs), options
+        )
+    except ScalingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(
         f"{len(points)} points, {len(series)} series ({', '.join(s.title for s in series) or 'none'}): {path}"
     )

@@ -25,12 +25,24 @@ from dist_reattn.report.scaling import (
     memory,
     phases,
     rank_phases,
+    scoring_pairs,
+    sqrt_length,
     telemetry,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
 REAL = Path(__file__).resolve().parent / "data" / "niah_record_cpu_p2.jsonl"  # P=2, 1500 tokens, CPU
 K = 1024
+
+
+def brute_pairs(n, sink=32, local=4096, chunk=512):
+    """Scored q.k pairs counted token by token: query t (0-based) sits in the chunk that ends at e, and
+    is scored against the middle [sink, e - local) of the cache after that chunk's append."""
+    total = 0
+    for t in range(n):
+        e = min((t // chunk + 1) * chunk, n)
+        total += max(e - sink - local, 0)
+    return total
 
 
 def _load_launcher():
@@ -40,12 +52,15 @@ def _load_launcher():
     return module
 
 
-def record(world, target, prefill_s, *, depth=0.5, trial=0, decode="lse", gpu=False, kv_heads=3):
-    """A NIAH record as launch/niah.py writes it; phase times add up to ``prefill_s`` on every rank."""
+def record(world, target, prefill_s, *, depth=0.5, trial=0, decode="lse", gpu=False, kv_heads=3, shares=None):
+    """A NIAH record as launch/niah.py writes it; phase times add up to ``prefill_s`` on every rank.
+
+    ``shares``: {phase: share of prefill_s} for the compute phases (default scoring 0.3, ...).
+    """
     n = target - 2  # prompts come out a few tokens short of the requested length
     comm = {"topk_candidates": 0.1, "qkv_heads": 0.05, "scope_kv": 0.05} if world > 1 else {}
-    compute = {"scoring": 0.3, "selection": 0.1, "attention": 0.1, "kv_fetch": 0.02, "append": 0.03}
-    compute["model"] = 1.0 - sum(compute.values()) - sum(comm.values())
+    compute = shares or {"scoring": 0.3, "selection": 0.1, "attention": 0.1, "kv_fetch": 0.02, "append": 0.03}
+    compute = {**compute, "model": 1.0 - sum(compute.values()) - sum(comm.values())}
     seconds = {**compute, **{f"comm:{k}": v for k, v in comm.items()}}
 
     def profile(scale):
@@ -133,12 +148,14 @@ def test_strong_and_weak_efficiency(runs):
     # The zero-second record and the full-mode record are skipped, and say so.
     assert any("prefill_seconds 0.0" in n for n in notes) and any("mode full" in n for n in notes)
     series, more = auto_series(points)
-    assert [(s.kind, [p.id for p in s.points]) for s in series] == [
-        ("strong", ["p1-16K", "p2-16K-lse", "p4-16K"]),
-        ("weak", ["p1-8K", "p2-16K-lse", "p4-32K"]),
+    assert [(s.kind, s.growth, [p.id for p in s.points]) for s in series] == [
+        ("strong", None, ["p1-16K", "p2-16K-lse", "p4-16K"]),
+        ("weak", "sqrt", ["p1-8K", "p4-16K"]),  # N = X * sqrt(P): 8K -> 16K at P = 4
+        ("weak", "sqrt", ["p1-16K", "p4-32K"]),
+        ("weak", "linear", ["p1-8K", "p2-16K-lse", "p4-32K"]),
     ]
     assert "p2-16K-gather" in more[0]  # the other decode path stays out of the series
-    strong, weak = series
+    strong, weak = series[0], series[3]
     # P=4 runs without tensor parallelism (3 KV heads) and still belongs to the series.
     assert [p.tensor_parallel for p in strong.points] == [False, True, False]
 
@@ -149,9 +166,17 @@ def test_strong_and_weak_efficiency(runs):
     assert rows[0]["point"].throughput == pytest.approx((16 * K - 2) / 100.0)
 
     rows = weak.rows()
-    assert [r["efficiency"] for r in rows] == pytest.approx([1.0, 50 / 60, 50 / 80])
+    assert [r["raw"] for r in rows] == pytest.approx([1.0, 50 / 60, 50 / 80])  # not normalised
     tput = [(8 * K - 2) / 50, (16 * K - 2) / 60, (32 * K - 2) / 80]
     assert [r["ratio"] for r in rows] == pytest.approx([t / tput[0] for t in tput])
+    # Normalised by work: the baseline's profile puts 30% in scoring (quadratic), 70% elsewhere (linear).
+    ns = [8 * K - 2, 16 * K - 2, 32 * K - 2]
+    work = [0.3 * brute_pairs(n) / brute_pairs(ns[0]) + 0.7 * n / ns[0] for n in ns]
+    assert [r["work"] for r in rows] == pytest.approx(work)
+    assert [r["efficiency"] for r in rows] == pytest.approx(
+        [w * 50 / (p * t) for w, p, t in zip(work, (1, 2, 4), (50, 60, 80), strict=True)]
+    )
+    assert rows[2]["work_per_rank"] > 1.5  # N ~ P more than doubles the work per rank at P = 4
 
 
 def test_baseline_without_p1(tmp_path):
@@ -169,8 +194,11 @@ def test_explicit_series_are_checked(runs):
     assert [p.id for p in s.points] == ["p1-16K", "p2-16K-gather"]
     with pytest.raises(ScalingError, match="not one length"):
         explicit_series("strong", points, [str(runs["p1"]), str(runs["w4"])])
+    # 16K at P = 1 and 32K at P = 4: N = 16K * sqrt(P), constant scoring work per rank.
+    assert explicit_series("weak", points, [str(runs["p1"]), str(runs["w4"])]).growth == "sqrt"
+    assert explicit_series("weak", points, [str(runs["w1"]), str(runs["w4"])]).growth == "linear"
     with pytest.raises(ScalingError, match="not one length per rank"):
-        explicit_series("weak", points, [str(runs["p1"]), str(runs["w4"])])
+        explicit_series("weak", points, [str(runs["p1"]), str(runs["p4"])])
     with pytest.raises(ScalingError, match="several points at one P"):
         explicit_series("strong", points, [str(runs["p2"]), str(runs["gather"]), str(runs["p1"])])
     with pytest.raises(ScalingError, match="two or more P"):
@@ -251,7 +279,14 @@ def test_report_names_every_source(runs, tmp_path, monkeypatch):
     assert used == expected
 
     assert "### Strong scaling at 16K (efficiency = P_b * T_b / (P * T_P)" in text
-    assert "### Weak scaling at 8K per rank (efficiency = T_b / T_P at length proportional to P" in text
+    assert (
+        "### Weak scaling at 8K per rank, N proportional to P (efficiency = (W_P / W_b) * P_b * T_b / (P * T_P), work-normalised"
+        in text
+    )
+    assert "### Weak scaling at constant work per rank, N = 8K x sqrt(P) (efficiency = (W_P / W_b)" in text
+    assert "T_b/T_P (not normalised)" in text and "### Which phases divide" in text
+    divide = text.split("### Which phases divide")[1].split("**Weak")[0]
+    assert "| scoring | 30.00 | 18.00 (x1.67) | 12.00 (x2.50) |" in divide  # 0.3 * T_P, rank 0
     strong = text.split("### Strong scaling")[1].split("###")[0]
     assert (
         "| p4-16K | 4 | 16,382 | 1 | 40.0 [40.0-40.0] | 409.6 | 2.50 | 0.62 | 1/1 | runs/cpu16k-p4/results.jsonl:2 |"
@@ -297,9 +332,9 @@ def test_dry_run_commands(tmp_path, capsys):
     argv = ["--strong-len", "16K", "--weak-len-per-rank", "8K", "--ranks", "1,2,4", "--depths", "0.1,0.9"]
     assert launcher.main([*argv, "--scope.chunk=256", "--dry-run", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    # 16K at P=2 is in both series and runs once.
+    # Weak: N = 8K * sqrt(P) rounded to 512 tokens (8K, 11776, 16K); 16K at P=4 is in both series, runs once.
     assert [line.split(":")[0] for line in lines] == [
-        "P=1 len 16K", "P=2 len 16K", "P=4 len 16K", "P=1 len 8K", "P=4 len 32K",
+        "P=1 len 16K", "P=2 len 16K", "P=4 len 16K", "P=1 len 8K", "P=2 len 11776",
     ]  # fmt: skip
     assert "torch.distributed.run --standalone --nproc_per_node 4" in lines[2]
     assert (
@@ -307,6 +342,9 @@ def test_dry_run_commands(tmp_path, capsys):
     )
     assert f"--depths 0.1,0.9 --scope.chunk=256 --out {tmp_path}/runs/len16K-p2" in lines[1]
     assert not (tmp_path / "runs").exists()
+    assert launcher.main([*argv, "--weak-growth", "linear", "--dry-run", "--out", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines][3:] == ["P=1 len 8K", "P=4 len 32K"]
 
 
 @pytest.mark.parametrize(
@@ -319,6 +357,9 @@ def test_dry_run_commands(tmp_path, capsys):
         (["--from", "x", "--depths", "0.5"], "unrecognized arguments: --depths 0.5"),
         ([], "nothing to report"),
         (["--from", "x", "--mode", "full,reattention"], "one mode per report"),
+        (["--from", "x", "--project", "4M"], "give MODEL=LEN"),
+        (["--from", "x", "--comm-op", "scope_kv=sendrecv"], "give KIND=OP"),
+        (["--from", "x", "--comm-bench", "/no/such.json"], "--comm-bench /no/such.json: cannot read it"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path):
@@ -360,3 +401,270 @@ def test_run_mode_launches_niah_and_passes_its_error_on(tmp_path):
     )
     assert "error: model '/no/such/model' not found" in (run / "niah.log").read_text()
     assert not (tmp_path / "runs" / "len1500-p2").exists()  # stopped at the first failure
+
+
+# ---- weak scaling at constant work, the cost model, bench_comm ----------------------------------
+
+
+def test_scoring_pairs_match_a_token_by_token_count():
+    for n, sink, local, chunk in [(8 * K, 32, 4096, 512), (5000, 4, 1000, 300), (4000, 32, 4096, 512)]:
+        assert scoring_pairs(n, sink, local, chunk) == brute_pairs(n, sink, local, chunk)
+    assert scoring_pairs(4000, 32, 4096, 512) == 0  # the whole prompt fits sink + local: nothing scored
+    assert (
+        sqrt_length(8 * K, 2) == 11776 and sqrt_length(8 * K, 4) == 16 * K and sqrt_length(8 * K, 1) == 8 * K
+    )
+
+
+def test_weak_at_constant_work_per_rank_has_efficiency_one(tmp_path):
+    """P=2 at sqrt(2)*N with the same per-rank work (T_2 = T_1 * W(N_2) / (2 W(N_1))) is efficiency 1.0;
+    the same T_2 at 2N (length ~ P) is not flattered into 1.0 by T_1/T_2."""
+    shares = {"scoring": 0.79}  # the baseline's profile: 79% scoring, 21% model (linear in N)
+    n1 = 256 * K
+    n2 = sqrt_length(n1, 2)
+    assert n2 == 370688  # 256K * 1.414 = 370,727 -> a multiple of 512
+
+    def work(n):  # the work model, built independently: scoring share ~ pairs, the rest ~ tokens
+        return 0.79 * brute_pairs(n - 2) / brute_pairs(n1 - 2) + 0.21 * (n - 2) / (n1 - 2)
+
+    t2 = 100.0 * work(n2) / 2  # rank time proportional to the work per rank: the same as at P = 1
+    a = write_run(tmp_path / "a", [record(1, n1, 100.0, shares=shares)])
+    b = write_run(tmp_path / "b", [record(2, n2, t2, shares=shares)])
+    points, _ = load_points([a, b])
+    (s,) = [s for s in auto_series(points)[0] if s.kind == "weak"]
+    assert s.growth == "sqrt"
+    assert s.title.startswith("weak scaling at constant work per rank, N = 256K x sqrt(P)")
+    rows = s.rows()
+    assert rows[1]["efficiency"] == pytest.approx(1.0, rel=1e-9)
+    assert rows[1]["work_per_rank"] == pytest.approx(work(n2) / 2)
+    assert 0.9 < rows[1]["work_per_rank"] < 1.0  # sqrt(P) holds the scoring per rank, not the linear part
+    # Length ~ P: 2N at P=2 in the same time as P=1 does ~4x the scoring: efficiency ~2, not T_1/T_2 = 1.
+    c = write_run(tmp_path / "c", [record(2, 2 * n1, 100.0, shares=shares)])
+    (s,) = [s for s in auto_series(load_points([a, c])[0])[0] if s.kind == "weak"]
+    assert s.growth == "linear" and s.rows()[1]["raw"] == pytest.approx(1.0)
+    assert s.rows()[1]["efficiency"] == pytest.approx(work(2 * n1) / 2) and s.rows()[1]["efficiency"] > 1.7
+
+
+# Known cost model: compute phases t = a * w / P + b * w (w = scored pairs for scoring, N otherwise).
+TRUE = {"scoring": (2e-10, 0.0), "selection": (0.0, 3e-6), "attention": (4e-6, 1e-6), "model": (1e-6, 5e-7)}
+# Collectives: rank 0's bytes and calls per prompt token at each P (the reference counts them at 2, 4, 8).
+BYTES = {2: {"topk_candidates": 100.0, "scope_kv": 800.0}, 4: {"topk_candidates": 100.0, "scope_kv": 1200.0},
+         8: {"topk_candidates": 100.0, "scope_kv": 1400.0}}  # fmt: skip
+CALLS = 30 / 512  # one call per layer (30) and chunk (512 tokens)
+
+
+def model_record(world, target, *, device="cuda:0", dtype="bfloat16", comm_s=1.0, scale=1.0):
+    """A record whose phases follow TRUE exactly (times ``scale``) and whose collectives follow BYTES."""
+    n = target
+    ph = {}
+    for name, (a, b) in TRUE.items():
+        w = brute_pairs(n) if name == "scoring" else n
+        ph[name] = scale * (a * w / world + b * w)
+    colls = {}
+    if world > 1:
+        for kind, per in BYTES[world].items():
+            colls[kind] = {"calls": round(CALLS * n), "bytes": round(per * n), "seconds": comm_s}
+            ph[f"comm:{kind}"] = comm_s
+    prof = {"prefill": {"seconds": ph, "total_s": sum(ph.values()), "steps": n // 512, "tokens": n}}
+    return {
+        "mode": "reattention", "len": n, "target_len": target, "depth": 0.5, "trial": 0, "correct": True,
+        "prefill_seconds": sum(ph.values()), "world": world, "sink": 32, "local": 4096, "topk": 4, "span": 32,
+        "recall_clip": 127, "chunk": 512, "model": "smollm2-135m", "haystack": "noise", "device": device,
+        "dtype": dtype, "decode": "lse", "tensor_parallel": False, "profile": prof, "collectives": colls,
+        "ranks": [{"rank": 0, "profile": prof, "collectives": colls}],
+    }  # fmt: skip
+
+
+def write_bench(path, world, lat=20e-6, bw=200e9):
+    """A bench_comm result with exact t = lat + bus / bw at four sizes for each op."""
+    ops = {}
+    for op in ("all_gather", "all_to_all", "all_reduce", "broadcast"):
+        pts = [
+            {"bytes": s, "bus_bytes": s / 2, "seconds": lat + s / 2 / bw}
+            for s in (2**10, 2**16, 2**22, 2**28)
+        ]
+        ops[op] = {"points": pts, "latency_s": lat, "busbw_Bps": bw, "peak_busbw_Bps": bw}
+    path.write_text(
+        json.dumps({"kind": "bench_comm", "world": world, "backend": "nccl", "device": "H200", "ops": ops})
+    )
+    return path
+
+
+def test_alpha_beta_recovers_latency_and_bandwidth():
+    from dist_reattn.report.scaling_model import alpha_beta
+
+    pts = [{"bus_bytes": s, "seconds": 15e-6 + s / 300e9} for s in (2**10, 2**14, 2**20, 2**26)]
+    lat, bw = alpha_beta(pts)
+    assert lat == pytest.approx(15e-6, rel=1e-6) and bw == pytest.approx(300e9, rel=1e-6)
+
+
+def test_cost_model_recovers_coefficients_and_projects(tmp_path, monkeypatch):
+    from dist_reattn.report.scaling_model import load_bench, project
+    from dist_reattn.report.scaling_model_report import fits_of, projections
+
+    monkeypatch.chdir(tmp_path)
+    gpu = [
+        write_run(tmp_path / f"gpu-{n // K}k-p{p}", [model_record(p, n)])
+        for n in (64 * K, 128 * K)
+        for p in (1, 2)
+    ]
+    held = write_run(tmp_path / "gpu-128k-p4", [model_record(4, 128 * K, scale=1.1)])  # 10% slower compute
+    ref = [
+        write_run(tmp_path / f"cpu-p{p}", [model_record(p, 8 * K, device="cpu", dtype="float32")])
+        for p in (2, 4, 8)
+    ]
+    points, _ = load_points([*gpu, held, *ref])
+    benches = load_bench(
+        [write_bench(tmp_path / "b2.json", 2), write_bench(tmp_path / "b4.json", 4, bw=150e9)]
+    )
+    fits, notes = fits_of(points, {"fit_ranks": [1, 2], "benches": benches})
+    assert notes == ["smollm2-135m, cpu, float32: no cost model, profiled points at fewer than two of P=1,2"]
+    (f,) = [f for f in fits if f.tag == "smollm2-135m, cuda, bfloat16"]
+    assert [p.id for p in f.points] == ["p1-64K-c1", "p2-64K-c1", "p1-128K-c1", "p2-128K-c1"]
+    got = {ph.phase: (ph.divides, ph.repeats) for ph in f.phases}
+    for name, (a, b) in TRUE.items():
+        assert got[name][0] == pytest.approx(a, rel=1e-6, abs=1e-15), name
+        assert got[name][1] == pytest.approx(b, rel=1e-6, abs=1e-15), name
+    assert f.label == "projection (cost model fitted on P=1,2)"
+
+    # Compute at P = 8, 1M; collectives from the bench at P=4 (no P=8 bench) and bytes scaled by the
+    # gloo reference: scope_kv 800 B/token at P=2 (measured) x 1400 / 800 (reference P=8 / P=2).
+    n = 1024 * K
+    pr = project(f, n, 8)
+    for name, (a, b) in TRUE.items():
+        w = brute_pairs(n) if name == "scoring" else n
+        assert pr["phases"][name] == pytest.approx(a * w / 8 + b * w, rel=1e-6)
+    c = pr["comm"]["scope_kv"]
+    assert c["bytes"] == pytest.approx(1400 * n) and c["bus_bytes"] == pytest.approx(1400 * n)  # all_to_all
+    assert c["calls"] == pytest.approx(round(CALLS * 64 * K) / (64 * K) * n, rel=1e-3)
+    assert c["seconds"] == pytest.approx(c["calls"] * 20e-6 + 1400 * n / 150e9)
+    ag = pr["comm"]["topk_candidates"]
+    assert ag["bus_bytes"] == pytest.approx(100 * n * 7)  # all-gather: (P - 1) x what each rank puts in
+    assert "reference" in c["rates"] and "P=4" in c["bandwidth"]
+
+    # The held-out P=4 point at 128K is shown beside the projection with the model's error.
+    rows = projections(points, f, 128 * K, [1, 2, 4, 8])
+    m = rows[2]["measured"]
+    assert not m["in_fit"] and m["seconds"] == pytest.approx(
+        points[[p.id for p in points].index("p4-128K-c1")].prefill_s
+    )
+    assert m["error"] == pytest.approx((rows[2]["model"]["total"] - m["seconds"]) / m["seconds"])
+    assert m["error"] < -0.05  # the record is 10% slower in compute than the model
+    assert rows[0]["measured"]["error"] == pytest.approx(0.0, abs=1e-9)  # a fit point, exact model
+    assert "measured" not in rows[3]
+
+
+def test_report_labels_projections(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    dirs = [write_run(tmp_path / f"gpu-p{p}", [model_record(p, 128 * K)]) for p in (1, 2)]
+    dirs.append(write_run(tmp_path / "gpu-p4", [model_record(4, 128 * K)]))
+    bench = write_bench(tmp_path / "b2.json", 2)
+    out = tmp_path / "report"
+    args = ["--from", *map(str, dirs), "--comm-bench", str(bench), "--project", "smollm2-135m=128K,1M"]
+    assert _load_launcher().main([*args, "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert (out / "projection.png").read_bytes()[:4] == b"\x89PNG" and "](projection.png)" in text
+    section = text.split("## Cost model and projection")[1].split("## Memory per rank")[0]
+    assert "#### smollm2-135m, cuda, bfloat16 at 1M: projection (cost model fitted on P=1,2)" in section
+    rows = [
+        line
+        for line in section.splitlines()
+        if line.startswith("| projection (cost model fitted on P=1,2) |")
+    ]
+    assert len(rows) == 8  # P = 1, 2, 4, 8 at 128K and at 1M: every projected row says what it is
+    p4 = [r for r in rows if r.startswith("| projection (cost model fitted on P=1,2) | 4 |")][0]
+    assert "(held out)" in p4 and "gpu-p4/results.jsonl:1" in p4  # measured beside the projection
+    assert "| all_gather | 2 | nccl | H200 | 20.0 | 200.0 |" in section  # the benchmark, as read
+    # Measured tables never carry projected numbers: the strong series has only P = 1, 2, 4 rows.
+    strong = text.split("### Strong scaling")[1].split("\n#")[0]
+    assert "projection" not in strong and len([x for x in strong.splitlines() if re.match(r"\| p\d", x)]) == 3
+
+
+def test_committed_cpu_report_regenerates(tmp_path):
+    """The committed CPU report's command still runs on its records, now with the work-normalised weak
+    tables and a cost model fitted on P=1,2 (P=4 held out)."""
+    s = ROOT / "launch" / "results" / "scaling-cpu-2026-11-24" / "runs"
+    dirs = [
+        s / d for d in ("cpu16k-p1", "cpu16k-p2", "cpu16k-p4", "cpu8k-p1", "cpu32k-p4", "cpu16k-p2-gather")
+    ]
+    out = tmp_path / "report"
+    assert _load_launcher().main(["--from", *map(str, dirs), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "### Strong scaling at 16K" in text and "N proportional to P (efficiency = (W_P / W_b)" in text
+    assert "#### smollm2-135m, cpu, float32 at 16K: projection (cost model fitted on P=1,2)" in text
+    assert "(held out)" in text
+
+
+def test_bench_comm_on_two_gloo_ranks(tmp_path):
+    from dist_reattn.report.scaling_model import load_bench
+
+    out = tmp_path / "comm.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "launch" / "bench_comm.py"), "--sizes", "1K,64K", "--iters", "2", "--warmup", "1",
+         "--ops", "all_gather,all_to_all,all_reduce,broadcast", "--out", str(out)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert (data["kind"], data["world"], data["backend"]) == ("bench_comm", 2, "gloo")
+    assert set(data["ops"]) == {"all_gather", "all_to_all", "all_reduce", "broadcast"}
+    for op, e in data["ops"].items():
+        assert [p["bytes"] for p in e["points"]] == [1024, 65536], op
+        for p in e["points"]:
+            factor = 1.0 if op in ("all_gather", "all_to_all") else 2.0  # (P-1)/P vs 2(P-1)/P, bcast: 1
+            if op == "broadcast":
+                factor = 2.0
+            assert p["bus_bytes"] == pytest.approx(p["bytes"] * factor / 2) and p["seconds"] > 0
+        assert e["latency_s"] >= 0 and e["busbw_Bps"] > 0
+    assert "all_gather" in r.stdout and "fit: latency" in r.stdout
+    (b,) = load_bench([out])
+    assert b.world == 2 and b.ops["all_to_all"]["busbw_Bps"] > 0
+
+
+def test_layouts_make_series_of_their_own(tmp_path):
+    """P=2 runs in the sequence and the tensor layout: one strong series each, sharing P=1; the kind
+    names the records use (here a new one, qkv_slab) flow through as they are."""
+    a = write_run(tmp_path / "p1", [record(1, 16 * K, 100.0)])
+    seq = {**record(2, 16 * K, 52.0), "layout": "sequence"}
+    seq["collectives"] = {"qkv_slab": {"calls": 10, "bytes": 4096, "seconds": 0.5}}
+    seq["ranks"] = [{**rr, "collectives": seq["collectives"]} for rr in seq["ranks"]]
+    b = write_run(tmp_path / "seq", [seq])
+    c = write_run(tmp_path / "ten", [{**record(2, 16 * K, 70.0), "parallel": {"layout": "tensor"}}])
+    points, _ = load_points([a, b, c])
+    assert [p.id for p in points] == ["p1-16K", "p2-16K-sequence", "p2-16K-tensor"]
+    strong = [s for s in auto_series(points)[0] if s.kind == "strong"]
+    assert [[p.id for p in s.points] for s in strong] == [
+        ["p1-16K", "p2-16K-sequence"],
+        ["p1-16K", "p2-16K-tensor"],
+    ]
+    assert [round(s.rows()[1]["efficiency"], 3) for s in strong] == [round(100 / 104, 3), round(100 / 140, 3)]
+    assert set(collectives(points[1])) == {"qkv_slab"}
+    out = tmp_path / "report"
+    assert _load_launcher().main(["--from", str(a), str(b), str(c), "--out", str(out)]) == 0
+    text = (out / "report.md").read_text()
+    assert "| p2-16K-sequence | 2 | on | sequence | lse |" in text
+    assert "| p2-16K-sequence | qkv_slab | 10 |" in text
+
+
+def test_comm_rates_prefer_per_stage_counts(tmp_path):
+    """Where a record splits its collectives by stage (``profile.prefill.collectives``), the model uses
+    the prefill's; else the trial's totals, and says they include the decode."""
+    from dist_reattn.report.scaling_model import comm_rates
+
+    r = model_record(2, 64 * K)
+    plain = write_run(tmp_path / "plain", [r])
+    staged = dict(r, profile={"prefill": {**r["profile"]["prefill"], "collectives": {
+        "scope_kv": {"calls": 60, "bytes": 64 * K * 500, "seconds": 0.5, "op": "all_gather"}}}})  # fmt: skip
+    staged = write_run(tmp_path / "staged", [staged])
+    (p,) = load_points([plain])[0]
+    rates = comm_rates(p)
+    assert (
+        rates["scope_kv"]["bytes_per_token"] == pytest.approx(800.0) and not rates["scope_kv"]["prefill_only"]
+    )
+    (q,) = load_points([staged])[0]
+    rates = comm_rates(q)
+    assert set(rates) == {"scope_kv"} and rates["scope_kv"]["prefill_only"]
+    assert (
+        rates["scope_kv"]["bytes_per_token"] == pytest.approx(500.0)
+        and rates["scope_kv"]["op"] == "all_gather"
+    )

@@ -12,7 +12,13 @@ the series' smallest P, normally 1):
 
 * throughput = mean prompt tokens / T_P (prefill tokens per second);
 * strong scaling (one length, P varies): speedup = T_b / T_P, efficiency = P_b * T_b / (P * T_P);
-* weak scaling (length proportional to P): efficiency = T_b / T_P, throughput ratio = tput_P / tput_b.
+* weak scaling (length grows with P): efficiency normalised by work,
+  ``(W(N_P) / W(N_b)) * P_b * T_b / (P * T_P)``, with W the quadratic-plus-linear work model of
+  :func:`work_model` (scoring ~ the q.k pairs scored, everything else ~ N). The scoring is quadratic
+  in N, so a series at constant work per rank grows N as sqrt(P) (``launch/scaling.py
+  --weak-len-per-rank X`` runs N(P) = X * sqrt(P)); there W(N_P) = P * W(N_b) and the efficiency is
+  the plain T_b / T_P. A series at length proportional to P (older runs) quadruples the scoring per
+  rank from P = 1 to 2; the normalisation keeps that from reading as a loss of efficiency.
 
 Every number in a report names the ``file:line`` of the records it comes from.
 """
@@ -52,6 +58,10 @@ PHASE_GROUPS = {
     "attention": ("attention", "kv_fetch", "append"),
     "model": ("model",),
 }
+# How N grows with P in a weak series: "sqrt" holds the quadratic scoring work per rank constant,
+# "linear" (N proportional to P) the tokens per rank.
+WEAK_GROWTH = ("sqrt", "linear")
+WEAK_MULTIPLE = 512  # sqrt-grown lengths are rounded to this many tokens (a chunk, two pages)
 PHASE_RANK_RULE = (
     "rank 0's phases, mean over trials (ranks meet at every collective, so their totals agree; how "
     "the time splits differs: a rank that finishes its share early waits inside the next collective, "
@@ -83,6 +93,7 @@ class Point:
     length: int
     decode: str | None  # None at P = 1, where there is one decode path
     tensor_parallel: bool | None
+    layout: str | None = None  # "sequence" / "tensor" where the records say (None at P = 1)
     records: list[dict] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
     dirs: set[str] = field(default_factory=set)
@@ -122,11 +133,12 @@ class Point:
 
 @dataclass
 class Series:
-    """Points of one configuration forming a strong (fixed length) or weak (length ~ P) series."""
+    """Points of one configuration forming a strong (fixed length) or weak (length grows with P) series."""
 
     kind: str  # "strong" | "weak"
     points: list[Point]  # ascending P
     tag: str = ""  # the configuration, where a report holds several
+    growth: str | None = None  # weak: "sqrt" | "linear" | "other" (see WEAK_GROWTH)
 
     @property
     def base(self) -> Point:
@@ -138,22 +150,109 @@ class Series:
         tag = f" ({self.tag})" if self.tag else ""
         if self.kind == "strong":
             return f"strong scaling at {length_label(b.length)}{tag}"
-        return f"weak scaling at {length_label(b.length // b.world)} per rank{tag}"
+        if self.growth == "sqrt":
+            x = length_label(round(b.length / b.world**0.5))
+            return f"weak scaling at constant work per rank, N = {x} x sqrt(P){tag}"
+        if self.growth == "linear":
+            return f"weak scaling at {length_label(b.length // b.world)} per rank, N proportional to P{tag}"
+        return f"weak scaling from {length_label(b.length)} at P={b.world}{tag}"
+
+    def work(self):
+        """The series' :func:`work_model` (built on its baseline point)."""
+        return work_model(self.base)
 
     def rows(self) -> list[dict]:
-        """Per point: P, tokens, T_P, throughput, speedup (strong) or throughput ratio (weak), efficiency."""
+        """Per point: P, tokens, T_P, throughput, speedup (strong) or throughput ratio (weak), efficiency.
+
+        Weak rows also carry ``work`` = W(N_P) / W(N_b), ``work_per_rank`` = work * P_b / P and
+        ``raw`` = T_b / T_P (the efficiency before normalising by work).
+        """
         b = self.base
         rows = []
+        w = self.work() if self.kind == "weak" else None
         for p in self.points:
             row = {"point": p, "speedup": None, "ratio": None}
             if self.kind == "strong":
                 row["speedup"] = b.prefill_s / p.prefill_s
                 row["efficiency"] = b.world * b.prefill_s / (p.world * p.prefill_s)
             else:
+                work = w(p.tokens) / w(b.tokens)
                 row["ratio"] = p.throughput / b.throughput
-                row["efficiency"] = b.prefill_s / p.prefill_s
+                row["raw"] = b.prefill_s / p.prefill_s
+                row["work"] = work
+                row["work_per_rank"] = work * b.world / p.world
+                row["efficiency"] = work * b.world * b.prefill_s / (p.world * p.prefill_s)
             rows.append(row)
         return rows
+
+
+def scoring_pairs(n: float, sink: int, local: int, chunk: int) -> float:
+    """Query-key pairs the retrieval scores over a prefill of ``n`` tokens, per query head and layer.
+
+    Chunk i (ending at token e_i) scores each of its queries against the middle ``[sink, e_i - local)``:
+    the sum over chunks of ``c_i * max(e_i - sink - local, 0)``, about ``(n - sink - local)^2 / 2``.
+    """
+    n = int(round(n))
+    total, end = 0, 0
+    while end < n:
+        c = min(chunk, n - end)
+        end += c
+        total += c * max(end - sink - local, 0)
+    return float(total)
+
+
+def scope_of(point: Point) -> tuple[int, int, int]:
+    """(sink, local, chunk) of the point's records (paper defaults where a record lacks them)."""
+    r = point.records[0]
+    return int(r.get("sink", 32)), int(r.get("local", 4096)), int(r.get("chunk", 512))
+
+
+def scoring_share(point: Point) -> float | None:
+    """Rank 0's scoring seconds over its profiled prefill total (mean over trials); None without a profile."""
+    ph = phases(point)
+    if not ph or sum(ph.values()) <= 0:
+        return None
+    return ph.get("scoring", 0.0) / sum(ph.values())
+
+
+def work_model(base: Point):
+    """W(n): the prefill work at ``n`` prompt tokens, in seconds of the baseline point's own run.
+
+    ``W(n) = T_s * Q(n) / Q(N_b) + (T_b - T_s) * n / N_b``: the baseline's scoring time T_s scaled by
+    the scored pairs Q (:func:`scoring_pairs`, quadratic), the rest of its time by the tokens. Without
+    a profile the whole time is taken as scoring (the quadratic bound). So W(N_b) = T_b, and
+    W(n) / W(N_b) is how much more work a run at n tokens does than the baseline.
+    """
+    sink, local, chunk = scope_of(base)
+    nb, tb = base.tokens, base.prefill_s
+    share = scoring_share(base)
+    q_b = scoring_pairs(nb, sink, local, chunk)
+    share = 1.0 if share is None else share
+    if q_b <= 0:
+        share = 0.0
+
+    def w(n: float) -> float:
+        quad = share * tb * scoring_pairs(n, sink, local, chunk) / q_b if share else 0.0
+        return quad + (1.0 - share) * tb * n / nb
+
+    w.share = share
+    return w
+
+
+def sqrt_length(per_rank: int, world: int, multiple: int = WEAK_MULTIPLE) -> int:
+    """N(P) = per_rank * sqrt(P), rounded to a multiple of ``multiple`` (at least one multiple)."""
+    return max(multiple, round(per_rank * world**0.5 / multiple) * multiple)
+
+
+def weak_growth(points: list[Point], multiple: int = WEAK_MULTIPLE) -> str | None:
+    """``sqrt`` / ``linear`` when the points' lengths follow N = X * sqrt(P) / N = X * P, else None."""
+    b = min(points, key=lambda p: p.world)
+    if b.length % b.world == 0 and all(p.length * b.world == b.length * p.world for p in points):
+        return "linear"
+    x = round(b.length / b.world**0.5 / multiple) * multiple
+    if x > 0 and all(p.length == sqrt_length(x, p.world, multiple) for p in points):
+        return "sqrt"
+    return None
 
 
 def _mean(values: list[float]) -> float | None:
@@ -211,6 +310,14 @@ def read_numbered(path: Path) -> list[tuple[int, dict]]:
     return out
 
 
+def layout_of(record: dict) -> str | None:
+    """The rank layout (``sequence`` / ``tensor``) a record of P > 1 names, top level or under ``parallel``."""
+    if int(record.get("world", 1)) <= 1:
+        return None
+    parallel = record.get("parallel")
+    return record.get("layout") or (parallel.get("layout") if isinstance(parallel, dict) else None)
+
+
 def variant_of(record: dict) -> tuple:
     """The record's configuration; the device only by type (``cuda:1`` and ``cuda:0`` are one)."""
     values = []
@@ -255,7 +362,7 @@ def load_points(
                 continue
             world = int(r["world"])
             decode = r.get("decode") if world > 1 else None
-            key = (variant_of(r), world, int(r["target_len"]), decode, r.get("tensor_parallel"))
+            key = (variant_of(r), world, int(r["target_len"]), decode, r.get("tensor_parallel"), layout_of(r))
             p = points.setdefault(key, Point(*key))
             p.records.append(r)
             p.sources.append(Source(shown, line))
@@ -266,7 +373,14 @@ def load_points(
     variants = sorted({p.variant for p in points.values()}, key=lambda v: tuple(map(str, v)))
     out = sorted(
         points.values(),
-        key=lambda p: (variants.index(p.variant), p.length, p.world, str(p.decode), str(p.tensor_parallel)),
+        key=lambda p: (
+            variants.index(p.variant),
+            p.length,
+            p.world,
+            str(p.decode),
+            str(p.tensor_parallel),
+            str(p.layout),
+        ),  # fmt: skip
     )
     _name(out, len(variants) > 1 and variants)
     notes = [f"skipped {n} record(s): {k}" for k, n in skipped.items()]
@@ -286,16 +400,23 @@ def _name(points: list[Point], variants: list | bool) -> None:
             p.id += f"-{p.decode}"
         if len({q.tensor_parallel for q in others}) > 1:
             p.id += "-tp" if p.tensor_parallel else "-notp"
+        if len({q.layout for q in others}) > 1:
+            p.id += f"-{p.layout}"
         if variants:
             p.id += f"-c{variants.index(p.variant) + 1}"
 
 
-def auto_series(points: list[Point]) -> tuple[list[Series], list[str]]:
-    """Strong series: one configuration and length at several P; weak: one length per rank at several P.
+def auto_series(points: list[Point], multiple: int = WEAK_MULTIPLE) -> tuple[list[Series], list[str]]:
+    """Strong series: one configuration and length at several P; weak: length ~ sqrt(P) or ~ P.
 
-    A point may belong to both (P=2 at 16K is in the 16K strong series and the 8K-per-rank weak one).
-    Where runs at P > 1 used several decode paths, the series take the one with the most points (the
-    prefill, which the series measure, is the same on every path); the others stay in the points table.
+    A point may belong to several (P=2 at 16K is in the 16K strong series and the 8K-per-rank weak
+    one). Where runs at P > 1 used several decode paths, the series take the one with the most points
+    (the prefill, which the series measure, is the same on every path); the others stay in the points
+    table. Where P > 1 runs used several rank layouts, each layout gets its own series (sharing P = 1).
+
+    Args:
+        points: from :func:`load_points`.
+        multiple: the rounding of sqrt-grown lengths (:func:`sqrt_length`).
 
     Returns:
         (series, notes on points left out of them).
@@ -314,23 +435,39 @@ def auto_series(points: list[Point]) -> tuple[list[Series], list[str]]:
                 "compare decode ms/token in the points table)"
             )
         group = [p for p in group if p.world == 1 or p.decode == main]
-        strong: dict[int, list[Point]] = defaultdict(list)
-        weak: dict[int, list[Point]] = defaultdict(list)
-        for p in group:
-            strong[p.length].append(p)
-            if p.length % p.world == 0:
-                weak[p.length // p.world].append(p)
-        for kind, found in (("strong", strong), ("weak", weak)):
-            for _, members in sorted(found.items()):
-                worlds = [p.world for p in members]
-                if len(set(worlds)) < len(worlds):
-                    notes.append(
-                        f"no {kind} series over {', '.join(p.id for p in members)}: two points at one P "
-                        "(tensor parallelism on and off); name the series with --strong/--weak"
-                    )
-                elif len(members) >= 2:
-                    series.append(Series(kind, sorted(members, key=lambda p: p.world)))
+        layouts = list(dict.fromkeys(p.layout for p in group if p.world > 1)) or [None]
+        for layout in layouts:
+            sub = [p for p in group if p.world == 1 or p.layout == layout]
+            series += _series_of(sub, multiple, notes)
     return series, notes
+
+
+def _series_of(group: list[Point], multiple: int, notes: list[str]) -> list[Series]:
+    found: dict[tuple, list[Point]] = defaultdict(list)
+    for p in group:
+        found[("strong", None, p.length)].append(p)
+        if p.length % p.world == 0:
+            found[("weak", "linear", p.length // p.world)].append(p)
+        x = round(p.length / p.world**0.5 / multiple) * multiple
+        if p.world > 1 and x > 0 and sqrt_length(x, p.world, multiple) == p.length:
+            found[("weak", "sqrt", x)].append(p)
+        elif p.world == 1:
+            found[("weak", "sqrt", p.length)].append(p)
+    out = []
+    for (kind, growth, _), members in sorted(
+        found.items(), key=lambda kv: (kv[0][0], str(kv[0][1]), kv[0][2])
+    ):
+        worlds = [p.world for p in members]
+        if len(set(worlds)) < len(worlds):
+            notes.append(
+                f"no {kind} series over {', '.join(p.id for p in members)}: two points at one P "
+                "(tensor parallelism on and off); name the series with --strong/--weak"
+            )
+        elif len(members) >= 2 and not (kind == "weak" and len({p.length for p in members}) == 1):
+            out.append(Series(kind, sorted(members, key=lambda p: p.world), growth=growth))
+    # strong first, then weak at constant work (sqrt), then length ~ P: each by length
+    order = {("strong", None): 0, ("weak", "sqrt"): 1, ("weak", "linear"): 2}
+    return sorted(out, key=lambda s: (order[(s.kind, s.growth)], s.base.length))
 
 
 def explicit_series(kind: str, points: list[Point], dirs: list[str]) -> Series:
@@ -350,11 +487,17 @@ def explicit_series(kind: str, points: list[Point], dirs: list[str]) -> Series:
     worlds = [p.world for p in members]
     if len(set(worlds)) < len(worlds):
         raise ScalingError(f"--{kind} {where}: several points at one P ({', '.join(p.id for p in members)})")
-    per = {p.length if kind == "strong" else p.length / p.world for p in members}
-    if len(per) > 1:
-        what = "length" if kind == "strong" else "length per rank"
-        raise ScalingError(f"--{kind} {where}: not one {what} ({', '.join(p.id for p in members)})")
-    return Series(kind, members)
+    if kind == "strong":
+        if len({p.length for p in members}) > 1:
+            raise ScalingError(f"--{kind} {where}: not one length ({', '.join(p.id for p in members)})")
+        return Series(kind, members)
+    growth = weak_growth(members)
+    if growth is None:
+        raise ScalingError(
+            f"--{kind} {where}: not one length per rank, N neither proportional to sqrt(P) nor to P "
+            f"({', '.join(p.id for p in members)})"
+        )
+    return Series(kind, members, growth=growth)
 
 
 # ---- per-point measures -------------------------------------------------------------------------

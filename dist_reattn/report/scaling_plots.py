@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import textwrap
 
+from .niah_plots import length_label
 from .scaling import Point, Series, collectives, compress_sources, memory, phases
 
 GIB = 2**30
@@ -72,7 +73,7 @@ def plot_scaling(series: list[Series], path: str | os.PathLike) -> None:
     ax_e.axhline(1.0, ls=":", color="gray")
     ax_e.set_ylim(0, max(1.1, max(r["efficiency"] for s in series for r in s.rows()) * 1.1))
     ax_e.set_ylabel("efficiency")
-    ax_e.set_title("efficiency: strong P_b*T_b/(P*T_P), weak T_b/T_P")
+    ax_e.set_title("efficiency: strong P_b*T_b/(P*T_P), weak work-normalised", fontsize=10)
     ax_t.legend(fontsize=8)
     _save(fig, points, path)
 
@@ -183,4 +184,72 @@ def plot_memory(points: list[Point], path: str | os.PathLike) -> bool:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", ncol=2)
     _save(fig, [p for p, _ in data], path)
+    return True
+
+
+def plot_projection(projected: list[tuple], path: str | os.PathLike) -> bool:
+    """Projected prefill time and efficiency against P, one line per (configuration, length), dashed and
+    labelled "projection (cost model fitted on P=..)"; measured points at the same (length, P) drawn
+    as filled markers beside them, never joined to the projection.
+
+    Args:
+        projected: ``(fit, length, rows)`` from :func:`scaling_model_report.projections`.
+        path: the PNG to write.
+
+    Returns:
+        False (and writes nothing) when there is nothing to draw.
+    """
+    if not projected:
+        return False
+    plt = _plt()
+    fig, (ax_t, ax_e) = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained")
+    worlds, points = set(), []
+    for f, n, rows in projected:
+        ps = [r["world"] for r in rows]
+        worlds |= set(ps)
+        name = f"{f.tag} {length_label(n)}"
+        line = ax_t.plot(
+            ps,
+            [r["model"]["total"] for r in rows],
+            ls="--",
+            marker="o",
+            mfc="none",
+            label=f"{name}: {f.label}",
+        )[0]
+        ax_e.plot(
+            ps, [r["efficiency"] for r in rows], ls="--", marker="o", mfc="none", color=line.get_color()
+        )
+        meas = [r for r in rows if "measured" in r]
+        if meas:
+            ax_t.plot(
+                [r["world"] for r in meas], [r["measured"]["seconds"] for r in meas], ls="none", marker="s",
+                color=line.get_color(), label=f"{name}: measured",
+            )  # fmt: skip
+            eff = [r for r in meas if r["measured"]["efficiency"] is not None]
+            ax_e.plot(
+                [r["world"] for r in eff], [r["measured"]["efficiency"] for r in eff], ls="none", marker="s",
+                color=line.get_color(),
+            )  # fmt: skip
+        ax_t.plot(
+            ps, [r["achieved"]["total"] for r in rows], ls=":", marker="^", mfc="none", color=line.get_color(),
+            label=f"{name}: projection, collectives at achieved bw",
+        )  # fmt: skip
+        seen = f.points + [q for r in meas for q in r["measured"]["points"]]
+        points += [p for p in seen if p not in points]
+    for ax in (ax_t, ax_e):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(worlds), [str(w) for w in sorted(worlds)])
+        ax.set_xlabel("ranks P")
+        ax.grid(alpha=0.3)
+    ax_t.set_yscale("log")
+    ax_t.set_ylabel("prefill seconds")
+    ax_t.set_title(
+        "hollow (dashed: bench bw, dotted: achieved bw): PROJECTION; squares: measured", fontsize=9
+    )
+    ax_e.axhline(1.0, ls=":", color="gray")
+    ax_e.set_ylim(0, 1.1)
+    ax_e.set_ylabel("strong efficiency T_1/(P*T_P)")
+    ax_e.set_title("projected efficiency (model T_1); squares: measured", fontsize=10)
+    ax_t.legend(fontsize=6)
+    _save(fig, points, path)
     return True

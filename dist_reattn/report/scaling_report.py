@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from . import scaling_plots
+from . import scaling_model_report, scaling_plots
 from .niah_plots import length_label
 from .scaling import (
     PHASE_GROUPS,
@@ -19,8 +19,11 @@ from .scaling import (
     Series,
     collectives,
     memory,
+    phases,
     rank_phases,
     run_commands,
+    scope_of,
+    scoring_pairs,
     telemetry,
 )
 
@@ -55,34 +58,107 @@ def _variant_text(points: list[Point]) -> tuple[str, dict[tuple, str]]:
 def _series_table(s: Series) -> list[str]:
     strong = s.kind == "strong"
     header = ["point", "P", "prompt tokens", "trials", "T_P (s), mean [min-max]", "prefill tok/s"]
-    header += ["speedup T_b/T_P" if strong else "throughput ratio", "efficiency", "correct", "records"]
+    if strong:
+        header += ["speedup T_b/T_P", "efficiency"]
+    else:
+        header += ["throughput ratio", "work W_P/W_b", "work per rank vs b", "T_b/T_P (not normalised)"]
+        header += ["efficiency (work-normalised)"]
+    header += ["correct", "records"]
     rows = []
     for r in s.rows():
         p = r["point"]
         secs = [x["prefill_seconds"] for x in p.records]
-        rows.append(
-            [
-                p.id, p.world, f"{p.tokens:,.0f}", p.trials, f"{p.prefill_s:.1f} [{min(secs):.1f}-{max(secs):.1f}]",
-                f"{p.throughput:,.1f}", f"{r['speedup'] if strong else r['ratio']:.2f}", f"{r['efficiency']:.2f}",
-                p.correct, p.source_text(),
-            ]
-        )  # fmt: skip
+        cells = [p.id, p.world, f"{p.tokens:,.0f}", p.trials, f"{p.prefill_s:.1f} [{min(secs):.1f}-{max(secs):.1f}]",
+                 f"{p.throughput:,.1f}"]  # fmt: skip
+        if strong:
+            cells += [f"{r['speedup']:.2f}", f"{r['efficiency']:.2f}"]
+        else:
+            cells += [f"{r['ratio']:.2f}", f"{r['work']:.2f}", f"{r['work_per_rank']:.2f}", f"{r['raw']:.2f}"]
+            cells += [f"{r['efficiency']:.2f}"]
+        rows.append([*cells, p.correct, p.source_text()])
     b = s.base
-    rule = (
-        f"efficiency = P_b * T_b / (P * T_P), speedup = T_b / T_P, baseline b = {b.id} (P={b.world})"
-        if strong
-        else f"efficiency = T_b / T_P at length proportional to P, throughput ratio = tput_P / tput_b, baseline b = {b.id} (P={b.world})"
+    if strong:
+        rule = f"efficiency = P_b * T_b / (P * T_P), speedup = T_b / T_P, baseline b = {b.id} (P={b.world})"
+        what = []
+    else:
+        w = s.work()
+        sink, local, chunk = scope_of(b)
+        rule = f"efficiency = (W_P / W_b) * P_b * T_b / (P * T_P), work-normalised; baseline b = {b.id} (P={b.world})"
+        what = [
+            f"Work model W(N) = {w.share:.2f} * T_b * Q(N) / Q(N_b) + {1 - w.share:.2f} * T_b * N / N_b: "
+            f"the baseline's scoring share ({w.share:.0%} of its profiled time) grows with Q(N), the "
+            f"q.k pairs scored (chunk {chunk}, sink {sink}, local {local}: about (N - sink - local)^2 / 2), "
+            "the rest with N. `work per rank vs b` = 1.00 means the run held the work per rank "
+            "constant (the usual weak-scaling premise); there the efficiency is the plain T_b / T_P. "
+            + (
+                "This series grows N as sqrt(P), which holds the quadratic scoring per rank constant."
+                if s.growth == "sqrt"
+                else "This series grows N proportionally to P: the scoring work per rank grows about "
+                "P-fold, so T_b / T_P (not normalised) is not an efficiency."
+                if s.growth == "linear"
+                else ""
+            ),
+            "",
+        ]
+    return [f"### {s.title[0].upper()}{s.title[1:]} ({rule})", "", *what, *_table(header, rows), ""]
+
+
+def _phase_speedups(s: Series) -> list[str]:
+    """Each phase group at each P of the series: seconds and its speedup (strong) or work-normalised
+    efficiency (weak), so a reader sees which phases divide."""
+    data = [(p, phases(p)) for p in s.points]
+    data = [(p, ph) for p, ph in data if ph]
+    if len(data) < 2:
+        return []
+    b, bph = data[0]
+    groups = list(dict.fromkeys(g for _, ph in data for g in ph))
+    sink, local, chunk = scope_of(b)
+
+    def work(g, n):
+        return scoring_pairs(n, sink, local, chunk) if g == "scoring" else n
+
+    rows = []
+    for g in groups:
+        cells = [g]
+        for p, ph in data:
+            t, tb = ph.get(g), bph.get(g)
+            if t is None:
+                cells.append("-")
+            elif not tb or t <= 0 or p is b:
+                cells.append(f"{t:.2f}")
+            elif s.kind == "strong":
+                cells.append(f"{t:.2f} (x{tb / t:.2f})")
+            else:
+                wr = work(g, p.tokens) / work(g, b.tokens) if work(g, b.tokens) else float("nan")
+                cells.append(f"{t:.2f} ({wr * b.world * tb / (p.world * t):.2f})")
+        rows.append(cells)
+    tot = [sum(ph.values()) for _, ph in data]
+    rows.append(["total (profiled)", *(f"{t:.2f}" for t in tot)])
+    how = (
+        f"speedup t_b / t_P in brackets (ideal: P / {b.world}; 1.00 = the phase does not divide)"
+        if s.kind == "strong"
+        else "work-normalised efficiency (w_P / w_b) * P_b * t_b / (P * t_P) in brackets, with w = the q.k "
+        "pairs scored for `scoring` and N for every other phase (ideal 1.00)"
     )
-    return [f"### {s.title[0].upper()}{s.title[1:]} ({rule})", "", *_table(header, rows), ""]
+    header = ["phase group", *(f"{p.id} (P={p.world}) s" for p, _ in data)]
+    return [
+        f"**{s.title[0].upper()}{s.title[1:]}**: rank 0's seconds per phase, {how}. Records: "
+        + "; ".join(f"{p.id} {p.source_text()}" for p, _ in data),
+        "",
+        *_table(header, rows),
+        "",
+    ]
 
 
 def _points_table(points: list[Point], differ: dict[tuple, str]) -> list[str]:
     several = len(set(differ.values())) > 1
+    layouts = any(p.layout for p in points)
     header = [
         "point",
         *(["config"] if several else []),
         "P",
         "TP",
+        *(["layout"] if layouts else []),
         "decode path",
         "length",
         "trials",
@@ -97,6 +173,7 @@ def _points_table(points: list[Point], differ: dict[tuple, str]) -> list[str]:
         rows.append(
             [
                 p.id, *([differ[p.variant]] if several else []), p.world, {True: "on", False: "off"}.get(p.tensor_parallel, "-"),
+                *([p.layout or "-"] if layouts else []),
                 p.decode or "-", length_label(p.length), p.trials,
                 ",".join(f"{d:g}" for d in depths), f"{p.prefill_s:.1f}", f"{p.throughput:,.1f}",
                 "-" if decode is None else f"{decode:.1f}", p.correct, p.source_text(),
@@ -151,19 +228,24 @@ def _collectives_section(points: list[Point]) -> list[str]:
     for p in points:
         c = collectives(p)
         for kind, v in (c or {}).items():
+            per_call = v["bytes_rank0"] / v["calls"] if v["calls"] else 0.0
             rows.append(
                 [
                     p.id, kind, f"{v['calls']:,.0f}", _mib(v["bytes_rank0"]), _mib(v["bytes_all"]),
-                    f"{v['per_call'] / 1024:,.2f}", f"{v['seconds_rank0']:.2f}", p.source_text(),
+                    f"{per_call / 1024:,.2f}", f"{v['per_call'] / 1024:,.2f}",
+                    f"{v['bytes_rank0'] / p.tokens:,.1f}", f"{v['bytes_all'] / p.tokens:,.1f}",
+                    f"{v['seconds_rank0']:.2f}", p.source_text(),
                 ]
             )  # fmt: skip
     if not rows:
         return ["No collectives recorded (P = 1 runs move nothing).", ""]
-    header = ["point", "kind", "calls (rank 0)", "MiB rank 0", "MiB all ranks", "KiB/call, all ranks"]
+    header = ["point", "kind", "calls (rank 0)", "MiB rank 0", "MiB all ranks", "KiB/call rank 0"]
+    header += ["KiB/call all ranks", "B/token rank 0", "B/token all ranks"]
     return [
         "Per trial (mean over trials), prefill and decode together. Bytes are what each rank contributes to "
-        "the collective (its input tensor); `all ranks` sums them. One call is one layer-chunk "
-        "(one layer of one prefill chunk or of one decode step) for the engine's per-layer kinds.",
+        "the collective (its input tensor; an all-to-all: what it sends to the others); `all ranks` sums "
+        "them. One call is one layer-chunk (one layer of one prefill chunk, or slab of chunks on a GPU, or "
+        "of one decode step) for the engine's per-layer kinds. Per token: over the prompt tokens.",
         "",
         *_table([*header, "s (rank 0)", "records"], rows),
         "",
@@ -239,6 +321,7 @@ def write_report(
     dirs: list[str],
     notes: list[str] = (),
     run_cmds: list[tuple[str, str, bool]] | None = None,
+    model_options: dict | None = None,
 ) -> Path:
     """Writes ``OUT/report.md`` and its PNGs (``scaling.png``, ``phases.png``, ``collectives.png``, ``memory.png``).
 
@@ -250,6 +333,8 @@ def write_report(
         dirs: the run directories read.
         notes: lines for the notes section (skipped records, host remarks).
         run_cmds: (dir, command, exact?) per run directory; default: :func:`scaling.run_commands`.
+        model_options: the cost model's options (see :func:`scaling_model_report.model_section`);
+            None: the defaults (fit on P = 1, 2, project P = 1, 2, 4, 8 at the largest length).
 
     Returns:
         The path of ``report.md``.
@@ -272,9 +357,14 @@ def write_report(
         "Definitions: T_P = mean over the point's trials of `prefill_seconds` (wall time of the whole "
         "prefill on rank 0; a prefill ends when every rank has finished). Throughput = mean prompt "
         "tokens / T_P. Strong scaling (fixed length): speedup = T_b / T_P, efficiency = "
-        "P_b * T_b / (P * T_P). Weak scaling (length proportional to P): efficiency = T_b / T_P. The "
-        "baseline b is the smallest P of the series (P_b = 1 when the series has a P = 1 run, so "
-        "efficiency is the usual T_1 / (P * T_P) and T_1 / T_P).",
+        "P_b * T_b / (P * T_P). Weak scaling (the length grows with P): the scoring is quadratic in the "
+        "length N, so the efficiency is normalised by work, efficiency = (W_P / W_b) * P_b * T_b / "
+        "(P * T_P) with W the quadratic-plus-linear work model given under each weak table; a series "
+        "that grows N as sqrt(P) holds the scoring work per rank constant and there it is the plain "
+        "T_b / T_P. A series at N proportional to P does about P times the scoring work per rank, and "
+        "its T_b / T_P (shown, not normalised) is not an efficiency. The baseline b is the smallest P "
+        "of the series (P_b = 1 when the series has a P = 1 run). Projections of the cost model are "
+        "never mixed into these tables: they have their own section, labelled.",
         "",
         "## Scaling",
         "",
@@ -293,9 +383,13 @@ def write_report(
     lines += ["## Prefill time per phase", "", *_phases_section(points)]
     if scaling_plots.plot_phases(points, out / "phases.png"):
         lines += ["![prefill time per phase](phases.png)", ""]
+    divided = [line for s in series for line in _phase_speedups(s)]
+    if divided:
+        lines += ["### Which phases divide", "", *divided]
     lines += ["## Collectives", "", *_collectives_section(points)]
     if scaling_plots.plot_collectives(points, out / "collectives.png"):
         lines += ["![bytes per collective kind](collectives.png)", ""]
+    lines += scaling_model_report.model_section(points, out, model_options or {})
     lines += ["## Memory per rank", "", *_memory_section(points)]
     if scaling_plots.plot_memory(points, out / "memory.png"):
         lines += ["![memory per rank](memory.png)", ""]
