@@ -613,7 +613,7 @@ def default_config(n_rows: int, head_dim: int, topk: int, two_pass: bool | None 
     if INTERPRETED:  # every program costs ~2 ms there; small tiles keep the masked paths exercised
         cfg = {"BLOCK_M": max(16, min(32, _next_pow2(n_rows))), "BLOCK_N": 32, "num_warps": 4, "num_stages": 1,
                "TWO_PASS": two_pass}  # fmt: skip
-        return {**cfg, "BLOCK_M2": 16, "FILTER": 1} if two_pass else cfg
+        return {**cfg, "BLOCK_M2": 16, "FILTER": 0} if two_pass else cfg
     # From the H100 sweeps (kernels/NOTES.md). The two-pass path's first pass has no merge, so it
     # takes the tiles where the dot is fastest (256 x 64). In the one-pass kernel the merge, not the
     # dot, sets the time: a tile of 64 x 64 has a quarter of the rows x keys of 128 x 128 per "does
@@ -623,7 +623,7 @@ def default_config(n_rows: int, head_dim: int, topk: int, two_pass: bool | None 
     if two_pass:
         return {"BLOCK_M": min(256, max(16, _next_pow2(n_rows))), "BLOCK_N": 64,
                 "num_warps": 8 if head_dim >= 128 else 4, "num_stages": 3, "TWO_PASS": True, "BLOCK_M2": 16,
-                "num_warps2": 1, "num_stages2": 3, "FILTER": 1}  # fmt: skip
+                "num_warps2": 1, "num_stages2": 3, "FILTER": 0}  # fmt: skip
     if n_rows <= 16:  # decode: bandwidth-bound
         return {"BLOCK_M": 16, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "MERGE": 1, "TWO_PASS": False}
     if head_dim >= 128 and topk <= 4 and n_rows >= 128:
@@ -697,9 +697,9 @@ def score_topk(
             ``num_stages``; ``TWO_PASS`` (topk <= 4 only: tile maxima first, then an exact top-k
             over the tiles that can hold a winner; the prefill default), with ``BLOCK_M2``,
             ``num_warps2`` and ``num_stages2`` for its second pass and ``FILTER`` for what the
-            second pass merges (1, the default: a row takes all keys of its own k picked tiles and
-            the keys of its block's other listed tiles that score at least its bound ``tau``; 0:
-            all keys of all listed tiles; both exact, see :func:`_two_pass`; 2: only keys at or
+            second pass merges (0, the default: all keys of all listed tiles; 1: a row takes all
+            keys of its own k picked tiles and the keys of its block's other listed tiles that
+            score at least its bound ``tau``; both exact, see :func:`_two_pass`; 2: only keys at or
             above ``tau``, session 4's filter, NOT exact, a same-run baseline for benchmarks like
             ``SCORE_ONLY``); for the one-pass kernel ``MERGE`` (0: one packed
             pass finds the single entry above a row's threshold, the default; 1: two passes) and
@@ -733,7 +733,7 @@ def score_topk(
     if cfg.get("TWO_PASS"):
         assert topk <= 4, f"TWO_PASS keeps four tile maxima per row: topk {topk} > 4"
         assert not cfg.get("SCORE_ONLY"), "SCORE_ONLY is a one-pass option: add TWO_PASS=False"
-        assert cfg.get("FILTER", 1) in (0, 1, 2), f"FILTER is 0, 1 or 2, got {cfg.get('FILTER')}"
+        assert cfg.get("FILTER", 0) in (0, 1, 2), f"FILTER is 0, 1 or 2, got {cfg.get('FILTER')}"
         return _two_pass(q, k, start, end, topk, splits, cfg)
     assert "FILTER" not in cfg, "FILTER is a two-pass option: add TWO_PASS=True (topk <= 4)"
     part_v, part_i = _one_pass(q, k, start, end, topk, splits, cfg)
@@ -844,8 +844,9 @@ def _two_pass(q, k, start, end, topk, splits, cfg):
       as the one-pass kernel's may within ``2e``; every score returned is pass 2's score of the key
       returned.
 
-    The bound ``tau`` is only a filter (it cuts merge work in the other rows' tiles); ``FILTER`` 0
-    skips it. The benchmark picks between the two (kernels/NOTES.md, session 5).
+    The bound ``tau`` is only a filter (it cuts merge work in the other rows' tiles); ``FILTER`` 0,
+    the default, skips it: on an H200 it was as fast as session 4's inexact filter and faster than
+    ``FILTER`` 1 at every benchmark point (kernels/NOTES.md, session 5).
     """
     plan = _first_pass(q, k, start, end, topk, splits, cfg)
     return _second_pass(q, k, start, end, topk, cfg, plan)
@@ -903,6 +904,6 @@ def _second_pass(q, k, start, end, topk, cfg, plan):
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out_v.stride(0), out_v.stride(1),
         HEAD_DIM=d, TOPK=topk, TOPK_PAD=picks.shape[-1], BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N"],
         UPCAST=INTERPRETED, IEEE=q.dtype == torch.float32, MERGE=cfg.get("MERGE", 0),
-        FILTER=cfg.get("FILTER", 1), num_warps=cfg.get("num_warps2", 1), num_stages=cfg.get("num_stages2", 3),
+        FILTER=cfg.get("FILTER", 0), num_warps=cfg.get("num_warps2", 1), num_stages=cfg.get("num_stages2", 3),
     )  # fmt: skip
     return out_v, out_i

@@ -165,7 +165,7 @@ VARIANTS = {
     "one-pass MERGE 0": {"TWO_PASS": False, "MERGE": 0},
     "one-pass MERGE 1": {"TWO_PASS": False, "MERGE": 1},
     "two-pass": {"TWO_PASS": True},
-    "two-pass FILTER 0": {"TWO_PASS": True, "FILTER": 0},
+    "two-pass FILTER 1": {"TWO_PASS": True, "FILTER": 1},
 }
 
 
@@ -198,7 +198,7 @@ SHAPES = {
     # The GPU's prefill default (64 rows in the interpreter, where padding rows cost programs).
     "two-pass 256x64/16": {"TWO_PASS": True, "BLOCK_M": 64 if kmod.INTERPRETED else 256, "BLOCK_N": 64,
                            "num_warps": 8, "num_stages": 3, "BLOCK_M2": 16, "num_warps2": 1, "num_stages2": 3},
-    "two-pass 64/16 FILTER 0": {"TWO_PASS": True, "BLOCK_M": 64, "BLOCK_M2": 16, "FILTER": 0},
+    "two-pass 64/16 FILTER 1": {"TWO_PASS": True, "BLOCK_M": 64, "BLOCK_M2": 16, "FILTER": 1},
 }  # fmt: skip
 # 12 tokens x 2 heads over 1 KV head (24 rows); keys [5, 190) of 200: a ragged last tile for
 # BLOCK_N 32 and 64, start > 0, end < N. (GQA packing over several KV heads: test_kernel_matches_ref.)
@@ -462,7 +462,7 @@ def test_kernel_gpu_matches_ref(dtype, shape, c, N):
     _check_gpu(q, k, 0, N, 1)
     _check_gpu(q, k, 5, N, 4)  # two-pass at c = 512 (prefill, topk <= 4)
     if c > 1:  # the same without the tau filter
-        _check_gpu(q, k, 5, N, 4, {"TWO_PASS": True, "FILTER": 0})
+        _check_gpu(q, k, 5, N, 4, {"TWO_PASS": True, "FILTER": 1})
 
 
 @pytest.mark.gpu
@@ -470,7 +470,7 @@ def test_kernel_gpu_matches_ref(dtype, shape, c, N):
 def test_kernel_gpu_ties():
     # Integer-valued bf16: every score exact, many exact ties: must equal the reference exactly.
     q, k = make(64, 8, 2, 128, 50_000, torch.bfloat16, ties=True, seed=5, device="cuda")
-    cases = ((1, None), (4, None), (4, {"TWO_PASS": False}), (4, {"TWO_PASS": True, "FILTER": 0}), (8, None),
+    cases = ((1, None), (4, None), (4, {"TWO_PASS": False}), (4, {"TWO_PASS": True, "FILTER": 1}), (8, None),
              (32, None))  # fmt: skip
     for topk, cfg in cases:
         v, i = score_topk(q, k, 3, 49_990, topk, config=cfg)
