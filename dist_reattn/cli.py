@@ -2,15 +2,19 @@
 
 A launch script's ``main`` raises :class:`~dist_reattn.config.ConfigError` for any bad input;
 :func:`run_main` turns it into that line. Under torchrun every rank validates the same flags and
-exits 2 on its own, so the line is printed by rank 0 only, before any process group exists.
+exits 2 on its own, so the line is printed by rank 0 only, before any process group exists; the
+ranks leave together (torchrun stops the others with SIGTERM as soon as one rank has ended, which
+would turn their own exit status 2 into -15 in its failure report).
 The ``check_*`` helpers test output locations before anything is loaded, and create nothing.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +36,40 @@ def report(error: Exception, rank: int | None = None) -> int:
     """Prints ``error: <message>`` on rank 0 (``rank`` defaults to the launcher's); returns 2."""
     if (env_rank() if rank is None else rank) == 0:
         print(f"error: {error}", file=sys.stderr, flush=True)
+    _leave_together()
     return BAD_INPUT_EXIT
+
+
+def _leave_together(timeout_s: float = 10.0) -> None:
+    """Under torchrun, waits (at most ``timeout_s``) until every rank is on its way out with exit 2.
+
+    Uses torchrun's own key-value store (no process group is needed) and ignores SIGTERM meanwhile:
+    the rank is already leaving, and torchrun's SIGTERM would only replace its exit status.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        from datetime import timedelta
+
+        from torch.distributed import TCPStore
+
+        store = TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+        key = f"dist_reattn/bad_input/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        deadline = time.monotonic() + timeout_s
+        arrived = store.add(key, 1)
+        while arrived < world and time.monotonic() < deadline:
+            time.sleep(0.02)
+            arrived = store.add(key, 0)
+    except Exception:  # best effort: the exit status and the message are what matter
+        pass
 
 
 def run_main(main: Callable[[], int]) -> int:
