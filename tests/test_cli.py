@@ -198,6 +198,13 @@ def bad(tmp_path_factory):
         (d / name).mkdir()
         for f, text in files.items():
             (d / name / f).write_text(text)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [250], "data_offsets": [0, 1000]}}).encode()
+    (d / "cutweights").mkdir()
+    (d / "cutweights" / "config.json").write_text(json.dumps(LLAMA))
+    (d / "cutweights" / "tokenizer.json").write_text("{}")
+    (d / "cutweights" / "model.safetensors").write_bytes(
+        len(header).to_bytes(8, "little") + header + b"\0" * 10
+    )
     (d / "list.yaml").write_text("- scope\n- topk\n")
     (d / "scalar.yaml").write_text("5\n")
     (d / "syntax.yaml").write_text("scope: {topk: [\n")
@@ -234,6 +241,7 @@ BAD_INPUTS = [
     ("niah", ["--model", f"{B}/emptyjson"], "config.json has no model_type"),
     ("niah", ["--model", f"{B}/notok"], "has no tokenizer"),
     ("niah", ["--model", f"{B}/noweights"], "has no weights"),
+    ("niah", ["--model", f"{B}/cutweights"], "model.safetensors is truncated: its tensors need"),
     ("batch", ["--model", f"{B}/trunc1m.gguf"], "GGUF header is truncated or corrupt"),
     ("batch", ["--model", f"{B}/emptyjson"], "config.json has no model_type"),
     ("batch", ["--model", f"{B}/notok"], "has no tokenizer"),

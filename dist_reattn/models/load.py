@@ -150,6 +150,27 @@ def check_hf_dir(directory: Path) -> None:
             f"{directory} has no weights (*.safetensors or pytorch_model*.bin): give the complete model "
             f"directory, or random:{directory} for random weights of its shape"
         )
+    for f in sorted(directory.glob("*.safetensors")):
+        check_safetensors(f)
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file's header parses and its tensors end where the file ends (not truncated)."""
+    fix = "give the complete model directory (re-download or re-save the weights)"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size, 100 << 20):
+                raise ValueError("header length beyond the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, TypeError, KeyError, IndexError):
+        raise ConfigError(f"{path}: not a readable safetensors file ({size} bytes): {fix}") from None
+    if 8 + n + end > size:
+        raise ConfigError(
+            f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}: {fix}"
+        )
 
 
 # GGUF metadata value types -> fixed sizes in bytes (8: string, 9: array have their own layout).
@@ -315,7 +336,8 @@ def load_model(src: ModelSource, dtype: torch.dtype, device: torch.device):
         with torch.device(device):  # initialized where it runs: an 8B model in seconds on a GPU
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model.eval()
-    model = AutoModelForCausalLM.from_pretrained(src.directory, dtype=dtype, **src.kwargs())
+    with _unreadable(src, "weights"):  # a corrupt weights file is bad input, not a crash
+        model = AutoModelForCausalLM.from_pretrained(src.directory, dtype=dtype, **src.kwargs())
     check_arch(model.config.model_type)
     quantizer = getattr(model, "hf_quantizer", None)
     if src.gguf_file and quantizer is not None and all(p.dtype.is_floating_point for p in model.parameters()):
