@@ -15,10 +15,10 @@ import sys
 
 import torch
 
-from dist_reattn.cache import available_bytes, gib
 from dist_reattn.cli import check_out_dir, run_main
 from dist_reattn.config import ConfigError, parse_count
 from dist_reattn.models.load import load_tokenizer, resolve
+from dist_reattn.plan import available_bytes, gib
 from dist_reattn.tasks.batch import write_niah_tasks
 from dist_reattn.tasks.niah import HAYSTACKS, min_length
 
