@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -71,6 +72,18 @@ class ScopeConfig:
             raise ConfigError(
                 f"scope.local={self.local} must be >= scope.chunk={self.chunk}: the local window holds the current chunk"
             )
+        if self.sink > self.local:
+            raise ConfigError(
+                f"scope.sink={self.sink} is above scope.local={self.local}: the sink is a few first tokens "
+                f"(paper: 32), the local window the recent context; lower --scope.sink or raise --scope.local"
+            )
+        from .kernels.score_topk import MAX_TOPK  # here, not at import: it brings torch and triton
+
+        if self.topk > MAX_TOPK:
+            raise ConfigError(
+                f"scope.topk={self.topk} is above the score kernel's limit {MAX_TOPK}: use --scope.topk <= "
+                f"{MAX_TOPK} (a wider --scope.span retrieves more context per hit)"
+            )
 
     def slab_on(self, device_type: str) -> int:
         """Chunks per prefill forward on a ``cuda`` or ``cpu`` device."""
@@ -135,8 +148,10 @@ class Config:
             raise ConfigError(f"model.dtype={self.model.dtype!r}: use auto, bf16, fp16 or fp32")
         if self.dist.backend not in ("auto", "nccl", "gloo"):
             raise ConfigError(f"dist.backend={self.dist.backend!r}: use auto, nccl or gloo")
-        if self.dist.timeout_s <= 0:
-            raise ConfigError(f"dist.timeout_s={self.dist.timeout_s} must be > 0")
+        if not (math.isfinite(self.dist.timeout_s) and self.dist.timeout_s > 0):
+            raise ConfigError(
+                f"dist.timeout_s={self.dist.timeout_s} must be a finite number of seconds > 0, e.g. 600"
+            )
         if self.parallel.layout not in ("sequence", "tensor"):
             raise ConfigError(f"parallel.layout={self.parallel.layout!r}: use sequence or tensor")
         if self.parallel.decode not in ("lse", "gather"):
@@ -154,6 +169,8 @@ def _coerce(value, tp, where: str):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         tp = args[0]
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{where}={value!r} must be a single value, not a list or mapping")
     try:
         if tp is bool:
             if isinstance(value, bool):
@@ -168,6 +185,13 @@ def _coerce(value, tp, where: str):
             if not m:
                 raise ValueError(value)
             return int(m.group(1)) * _UNITS[m.group(2).lower()]
+        if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+            # YAML's 4.7 (or true) would become 4 (or 1) through int(): refused, not truncated.
+            if not (isinstance(value, float) and value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if tp is float and isinstance(value, bool):
+            raise ValueError(value)
         return tp(value)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{where}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from e
@@ -190,11 +214,22 @@ def _set(cfg: Config, dotted: str, value) -> None:
 
 def apply_dict(cfg: Config, data: dict, source: str) -> None:
     """Applies a nested ``{section: {field: value}}`` mapping (a YAML preset) onto ``cfg``."""
-    for section, values in (data or {}).items():
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        found = "a list" if isinstance(data, list) else f"the single value {str(data)[:40]!r}"
+        raise ConfigError(
+            f"{source}: the top level must be a mapping of sections (e.g. 'scope:' then '  topk: 8'), "
+            f"found {found}"
+        )
+    for section, values in data.items():
         if not isinstance(values, dict):
             raise ConfigError(f"{source}: section {section!r} must be a mapping")
         for name, value in values.items():
-            _set(cfg, f"{section}.{name}", value)
+            try:
+                _set(cfg, f"{section}.{name}", value)
+            except ConfigError as e:
+                raise ConfigError(f"{source}: {e}") from None
 
 
 def parse_args_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None = None):
@@ -234,6 +269,24 @@ def config_for_model(model: str, preset: str | None, overrides: list[str]) -> Co
     return load_config(preset, [f"model.path={model}", *overrides])
 
 
+def _read_yaml(path: Path):
+    """A YAML file's data; any unreadable, non-text or non-YAML file is a ConfigError naming it."""
+    fix = "give a YAML preset of plain sections, e.g. 'scope:' then '  topk: 8'"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config {str(path)!r} is not UTF-8 text (a binary file?): {fix}") from None
+    except OSError as e:
+        raise ConfigError(f"config {str(path)!r} cannot be read ({e.strerror}): {fix}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        what = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"config {str(path)!r}{where}: not plain YAML ({what}): {fix}") from None
+
+
 def load_config(preset: str | None = None, overrides: list[str] | None = None) -> Config:
     """Builds a validated Config: defaults, then a preset (name in configs/ or a YAML path), then overrides.
 
@@ -247,7 +300,7 @@ def load_config(preset: str | None = None, overrides: list[str] | None = None) -
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
             raise ConfigError(f"config preset {preset!r} not found; presets: {known}; or give a YAML path")
-        apply_dict(cfg, yaml.safe_load(path.read_text()), str(path))
+        apply_dict(cfg, _read_yaml(path), str(path))
     for item in overrides or []:
         key, sep, value = item.lstrip("-").partition("=")
         if not sep:

@@ -76,10 +76,16 @@ class Heartbeat:
                 return
 
     def behind(self) -> str:
-        """Which ranks have not entered this rank's latest collective, e.g. ``rank 1 (at #3)``."""
+        """Which other ranks have not entered this rank's latest collective, e.g. ``rank 1 (entered #3)``.
+
+        This rank is never listed: it is inside the collective, and its own entry in the store lags
+        its live count by up to ``interval_s`` (it once named itself as the missing rank).
+        """
         try:
             late = []
             for r in range(self.comm.world):
+                if r == self.comm.rank:
+                    continue
                 key = self._key(r)
                 entered = int(self.store.get(key)) if self.store.check([key]) else 0
                 if entered < self.comm.calls:

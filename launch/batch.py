@@ -6,11 +6,14 @@
 
 Each task line: {"id": ..., "context": "..." | "context_file": "path", "question": "...",
 optional "max_new_tokens": N, "overrides": {"scope.topk": 8}, "meta": {...}}. context_file paths are
-relative to the task file's folder; only scope.* may vary per task (the model is loaded once).
+relative to the context root (--context-root, default the task file's folder) and must lie inside it;
+only scope.* may vary per task (the model is loaded once).
 
 Each task gets one line in --out: an answer record, or an error record {"id", "line", "error"} for
 a malformed task (bad JSON, missing id or question, both or neither of context/context_file, a
-missing file, a bad override, a prompt that cannot fit); a line with no usable id is named "line:N".
+missing file or one outside the context root, a bad override); a line with no usable id is named
+"line:N". What depends on the run rather than the task (a prompt that does not fit this run's
+memory, a model that cannot load) stops the job before any task with exit status 2, recording nothing.
 Re-running the same command resumes: every id already in --out is skipped, error records included,
 so a bad line is reported once, not retried (fix it and delete its record to retry it).
 SIGTERM (Slurm pre-emption, scancel) stops at once, keeps every record written, abandons the task
@@ -26,8 +29,10 @@ from pathlib import Path
 
 import torch
 
+from dist_reattn.cli import check_out_file, report, run_main
 from dist_reattn.config import ConfigError, add_model_args, config_for_model, parse_args_with_overrides
 from dist_reattn.distributed import init_from_env, shutdown
+from dist_reattn.models.load import resolve
 from dist_reattn.tasks.batch import Preempted, plan_job, run_tasks, stop_on_sigterm
 
 log = logging.getLogger("batch")
@@ -43,6 +48,11 @@ def parse_args(argv: list[str] | None = None):
     )
     p.add_argument("--in", dest="tasks", required=True, help="task file (JSONL, one task per line)")
     p.add_argument("--out", required=True, help="output file (JSONL, one record per task, appended)")
+    p.add_argument(
+        "--context-root",
+        default=None,
+        help="folder every context_file must lie in (default: the --in file's folder)",
+    )
     add_model_args(p)
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="default for tasks without their own (default 64)"
@@ -51,40 +61,38 @@ def parse_args(argv: list[str] | None = None):
 
 
 def validate(args):
-    """Checks every flag before anything heavy; returns (config, task file, output file)."""
-    tasks, out = Path(args.tasks), Path(args.out)
+    """Checks every flag before anything heavy; returns (config, task file, output file, context root)."""
+    tasks = Path(args.tasks)
     if not tasks.is_file():
         raise ConfigError(f"--in {args.tasks!r}: no such file")
-    if out.is_dir():
-        raise ConfigError(f"--out {args.out!r} is a directory: give a file, e.g. {out / 'answers.jsonl'}")
+    out = check_out_file(args.out)
     if out.resolve() == tasks.resolve():
         raise ConfigError("--out must not be the --in file")
+    root = Path(args.context_root).expanduser() if args.context_root else tasks.parent
+    if not root.is_dir():
+        raise ConfigError(f"--context-root {args.context_root!r} is not a folder")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     cfg = config_for_model(args.model, args.config, args.overrides)
-    return cfg, tasks, out
+    resolve(cfg.model.path)  # a missing or broken model is found here, before any process group
+    return cfg, tasks, out, root
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, tasks, out = validate(args)
+        cfg, tasks, out, root = validate(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)  # every rank validated the same flags and exits 2; rank 0 says why
     stop_on_sigterm()
     comm = init_from_env(cfg.dist.timeout_s, cfg.dist.backend)
     logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING, format="%(message)s")
     resume = f"re-run the same command to resume (ids already in {out} are skipped)"
     try:
         try:
-            if comm.rank == 0:
-                out.parent.mkdir(parents=True, exist_ok=True)
-            plan, prep = plan_job(tasks, out, cfg, args.max_new_tokens, comm)
+            plan, prep = plan_job(tasks, out, cfg, args.max_new_tokens, comm, root)
         except ConfigError as e:
-            if comm.rank == 0:
-                print(f"error: {e}", file=sys.stderr)
-            return 2
+            return report(e, comm.rank)
         except Preempted:
             if comm.rank == 0:
                 print(f"stopped by SIGTERM before any task ran; {resume}", file=sys.stderr)
@@ -127,4 +135,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -20,10 +20,10 @@ import json
 import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from dist_reattn.cli import check_out_dir, run_main
 from dist_reattn.config import (
     ConfigError,
     add_model_args,
@@ -69,16 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-full", action="store_true", help="skip full attention (extrapolated from the fit)")
     p.add_argument("--no-ours", action="store_true", help="time full attention only")
     args = parse_args_with_overrides(p, argv)
-    try:
-        lengths = [parse_count(x) for x in args.len.split(",")]
-        cfg = config_for_model(args.model, args.config, args.overrides)
-        if not torch.cuda.is_available():
-            raise ConfigError("bench_prefill.py needs a CUDA GPU")
-        prep = prepare(cfg, max(lengths), Comm.single())
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+    if not torch.cuda.is_available():
+        raise ConfigError("bench_prefill.py needs a CUDA GPU and none is visible: run it on a GPU machine")
+    lengths = [parse_count(x) for x in args.len.split(",")]
+    cfg = config_for_model(args.model, args.config, args.overrides)
+    out = check_out_dir(args.out)
+    prep = prepare(cfg, max(lengths), Comm.single())
     out.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(prep.source)
     hf = load_model(prep.source, prep.dtype, prep.device)
@@ -174,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from dist_reattn.cli import run_main
+from dist_reattn.config import ConfigError
 from dist_reattn.kernels.score_topk import default_config, score_topk, score_topk_ref
 
 MODELS = {"SmolLM2": (9, 3, 64), "Llama-8B": (32, 8, 128)}
@@ -334,10 +336,11 @@ def main():
     p.add_argument("--topk", type=int, nargs="+", default=list(TOPKS), help="with --compare: topks to time")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="with --compare")
     args = p.parse_args()
-    assert torch.cuda.is_available(), "needs a CUDA GPU"
+    if not torch.cuda.is_available():
+        raise ConfigError("bench_topk.py needs a CUDA GPU and none is visible: run it on a GPU machine")
     if args.sweep or args.variants:
         sweep() if args.sweep else variants()
-        return
+        return 0
     dev = torch.cuda.get_device_name()
     mm_tflops, copy_gbs = ceilings()
     print(f"{dev}: dense bf16 matmul {mm_tflops:.0f} TFLOP/s, d2d copy {copy_gbs:.0f} GB/s", flush=True)
@@ -380,7 +383,8 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -10,13 +10,42 @@ Each task's context is the NIAH instruction and a haystack of about ``--len`` to
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
-from pathlib import Path
 
+import torch
+
+from dist_reattn.cli import check_out_dir, run_main
 from dist_reattn.config import ConfigError, parse_count
 from dist_reattn.models.load import load_tokenizer, resolve
+from dist_reattn.plan import available_bytes, gib
 from dist_reattn.tasks.batch import write_niah_tasks
-from dist_reattn.tasks.niah import HAYSTACKS
+from dist_reattn.tasks.niah import HAYSTACKS, min_length
+
+# Measured (SmolLM2 tokenizer, noise haystack, 4M and 32M tokens): building one task peaks at
+# 46-76 bytes of memory per token (token lists, then the decoded text); its file is 3.75 bytes per token.
+BUILD_BYTES_PER_TOKEN = 80
+FILE_BYTES_PER_TOKEN = 4
+
+
+def check_size(length: int, n: int, folder) -> None:
+    """Refuses, with the numbers, a job whose haystack cannot be built in memory or written to disk."""
+    need, have = length * BUILD_BYTES_PER_TOKEN, available_bytes(torch.device("cpu"))
+    if need > have:
+        raise ConfigError(
+            f"--len {length} needs about {gib(need)} of memory to build one haystack "
+            f"({BUILD_BYTES_PER_TOKEN} bytes/token), {gib(have)} is available: "
+            f"use --len {have // BUILD_BYTES_PER_TOKEN // 2**20}M or less"
+        )
+    anchor = folder
+    while not anchor.exists():
+        anchor = anchor.parent
+    need, have = n * length * FILE_BYTES_PER_TOKEN, shutil.disk_usage(anchor).free
+    if need > have:
+        raise ConfigError(
+            f"{n} tasks of --len {length} need about {gib(need)} of disk in {str(folder)!r} "
+            f"({FILE_BYTES_PER_TOKEN} bytes/token), {gib(have)} is free: lower --n or --len, or use another --dir"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,19 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--haystack", default="noise", choices=HAYSTACKS)
     p.add_argument("--dir", required=True, help="folder for tasks.jsonl and the context files")
     args = p.parse_args(argv)
-    try:
-        length = parse_count(args.len)
-        if args.n < 1:
-            raise ConfigError(f"--n {args.n} must be >= 1")
-        tokenizer = load_tokenizer(resolve(args.model))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    length = parse_count(args.len)
+    if args.n < 1:
+        raise ConfigError(f"--n {args.n} must be >= 1")
+    folder = check_out_dir(args.dir, "--dir")
+    check_size(length, args.n, folder)
+    tokenizer = load_tokenizer(resolve(args.model))
+    shortest = min_length(tokenizer, args.haystack)
+    if length < shortest:
+        raise ConfigError(f"--len {length} is too short to hold the needle and question: use >= {shortest}")
     depths = [0.5] if args.n == 1 else [round(0.1 + 0.8 * i / (args.n - 1), 3) for i in range(args.n)]
-    path = write_niah_tasks(tokenizer, Path(args.dir), length, depths, args.seed, args.haystack)
+    path = write_niah_tasks(tokenizer, folder, length, depths, args.seed, args.haystack)
     print(path)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

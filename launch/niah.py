@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from dist_reattn.cli import check_out_dir, report, run_main
 from dist_reattn.config import (
     MODES,
     ConfigError,
@@ -33,7 +34,7 @@ from dist_reattn.config import (
     parse_count,
 )
 from dist_reattn.distributed import init_from_env, shutdown
-from dist_reattn.models.load import load_tokenizer
+from dist_reattn.models.load import load_tokenizer, resolve
 from dist_reattn.report.measure import TrialMeter, profile_line
 from dist_reattn.report.niah_plots import plot_heatmap, summary_table
 from dist_reattn.report.results import append_record, read_records
@@ -76,11 +77,18 @@ def validate(args):
     for m in modes:
         if m not in MODES:
             raise ConfigError(f"--mode {m!r} is not one of {', '.join(MODES)}")
+    twice = sorted({m for m in modes if modes.count(m) > 1})
+    if twice:
+        # Refused, not de-duplicated: a repeated mode is most often a typo for another one.
+        raise ConfigError(f"--mode {args.mode!r} names {', '.join(twice)} twice: give each mode once")
     if args.trials < 1 or args.max_new_tokens < 1:
         raise ConfigError("--trials and --max-new-tokens must be >= 1")
     cfg = config_for_model(args.model, args.config, args.overrides)
     for m in modes:
         dataclasses.replace(cfg.scope, mode=m).validate()
+    args.out = args.out or f"runs/niah-{time.strftime('%Y%m%d-%H%M%S')}"
+    check_out_dir(args.out)
+    resolve(cfg.model.path)  # a missing or broken model is found here, before any process group
     return cfg, lengths, depths, modes
 
 
@@ -111,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, lengths, depths, modes = validate(args)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e)  # every rank validated the same flags and exits 2; rank 0 says why
     comm = init_from_env(cfg.dist.timeout_s, cfg.dist.backend)
     logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING, format="%(message)s")
     try:
@@ -134,9 +141,7 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
                 f"--len {min(lengths)} is too short to hold the needle and question: use >= {shortest}"
             )
     except ConfigError as e:
-        if comm.rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report(e, comm.rank)
     log.info(
         f"model {prep.source} ({prep.spec.arch}, window {prep.spec.window}) on {prep.device} {prep.dtype}"
     )
@@ -145,7 +150,7 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
     # Rank 0 decides what is left to run (it alone reads and writes the results file).
     plan = None
     if comm.rank == 0:
-        out = Path(args.out or f"runs/niah-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         done = {trial_key(r) for r in read_records(out / "results.jsonl")}
         cells = [(n, d, t) for n in lengths for d in depths for t in range(args.trials)]
@@ -229,4 +234,4 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -40,12 +40,14 @@ Bad input stops with one ``error:`` line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from dist_reattn.cli import check_out_dir, run_main
 from dist_reattn.config import MODES, ConfigError, format_count, parse_count
 from dist_reattn.report.scaling import (
     WEAK_GROWTH,
@@ -62,6 +64,29 @@ from dist_reattn.report.scaling_report import write_report
 
 NIAH = Path(__file__).resolve().parent / "niah.py"
 RESERVED = ("--len", "--out", "--mode")  # set by this script for every run
+# Every run is one `torchrun --standalone` on this host: no host starts more ranks than this.
+MAX_RANKS = 4096
+
+
+def rank_limit() -> tuple[int, str]:
+    """(most ranks this host can run meaningfully, why): one GPU per NCCL rank; on CPU one core per
+    rank, since more ranks than cores would measure time-slicing, not scaling."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "GPUs visible here (NCCL needs one per rank)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return cores, "CPU cores here (more ranks than cores would measure time-slicing, not scaling)"
+
+
+def check_niah_args(args, length: int, run_dir: Path) -> None:
+    """Validates the flags passed on to niah.py (overrides, --model, --depths, ...) with niah.py's own
+    checks, before the first run starts (and for --dry-run, instead of it)."""
+    spec = importlib.util.spec_from_file_location("niah_launcher", NIAH)
+    niah = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(niah)
+    argv = ["--len", str(length), "--mode", args.mode, *args.niah_args, "--out", str(run_dir)]
+    niah.validate(niah.parse_args(argv))
 
 
 def parse_args(argv: list[str] | None = None):
@@ -154,6 +179,11 @@ def plan_runs(args) -> tuple[list[tuple[int, int, Path]], list[Path], list[Path]
         raise ConfigError(f"--ranks {args.ranks!r}: give a comma list of rank counts, e.g. 1,2,4") from e
     if any(r < 1 for r in ranks) or len(set(ranks)) < 2:
         raise ConfigError(f"--ranks {args.ranks!r}: give two or more distinct counts >= 1")
+    if max(ranks) > MAX_RANKS:
+        raise ConfigError(
+            f"--ranks {args.ranks!r}: {max(ranks)} ranks is beyond {MAX_RANKS}, more than one host runs "
+            "(each run is torchrun --standalone on this host); give counts such as 1,2,4,8"
+        )
     for flag in RESERVED:
         if any(a == flag or a.startswith(flag + "=") for a in args.niah_args):
             raise ConfigError(
@@ -172,7 +202,18 @@ def plan_runs(args) -> tuple[list[tuple[int, int, Path]], list[Path], list[Path]
         for r in ranks:
             n = w * r if args.weak_growth == "linear" else sqrt_length(w, r, args.weak_multiple)
             weak.append(runs.setdefault((n, r), out / f"len{format_count(n)}-p{r}"))
-    return [(n, r, d) for (n, r), d in runs.items()], strong, weak
+    if not args.dry_run:
+        limit, why = rank_limit()
+        if max(ranks) > limit:
+            raise ConfigError(
+                f"--ranks {args.ranks!r}: {max(ranks)} ranks, but {limit} {why}; give counts <= {limit}, "
+                "or --dry-run to print the commands for a bigger host"
+            )
+    planned = [(n, r, d) for (n, r), d in runs.items()]
+    if planned:
+        length, _, run_dir = planned[0]
+        check_niah_args(args, length, run_dir)
+    return planned, strong, weak
 
 
 def _ranks(text: str, flag: str) -> list[int]:
@@ -249,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     running = bool(args.strong_len or args.weak_len_per_rank)
     try:
+        check_out_dir(args.out)
         if args.niah_args and not running:
             raise ConfigError(
                 f"unrecognized arguments: {' '.join(args.niah_args)} (niah.py flags go with --strong-len/--weak-len-per-rank)"
@@ -302,4 +344,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -195,7 +195,7 @@ def test_malformed_lines_get_error_records_and_the_job_goes_on(model_dir, refere
         json.dumps({"id": "model", "context": "x", "overrides": {"model.dtype": "bf16"}, **good}),
         json.dumps({"id": "chunk", "context": "x", "overrides": {"scope.chunk": 0}, **good}),
         json.dumps({"id": "frac", "context": "x", "overrides": {"scope.topk": 2.5}, **good}),
-        json.dumps({"id": "huge", "context": "x", "max_new_tokens": 10**13, **good}),
+        json.dumps({"id": "passwd", "context_file": "/etc/passwd", **good}),  # outside the context root
         json.dumps({"id": "typo", "context": "x", "questoin": "q", **good}),
         json.dumps({"id": "t1", "context": "x", **good}),  # duplicate id
         json.dumps(
@@ -207,6 +207,8 @@ def test_malformed_lines_get_error_records_and_the_job_goes_on(model_dir, refere
             }
         ),
     ]
+    (tmp_path.parent / "outside.txt").write_text(context(3))  # exists, but not under the root
+    lines.append(json.dumps({"id": "up", "context_file": "../outside.txt", **good}))
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("\n".join(lines) + "\n")
     out = tmp_path / "answers.jsonl"
@@ -227,7 +229,8 @@ def test_malformed_lines_get_error_records_and_the_job_goes_on(model_dir, refere
         "model": "only scope.* may vary per task",
         "chunk": "scope.chunk=0 must be > 0",
         "frac": "scope.topk='2.5' is not a valid int",
-        "huge": "does not fit",
+        "passwd": "context_file '/etc/passwd' is outside the context root",
+        "up": "context_file '../outside.txt' is outside the context root",
         "typo": "unknown field(s) questoin",
         "line:14": "duplicate id 't1' (first on line 8)",
     }
@@ -237,6 +240,33 @@ def test_malformed_lines_get_error_records_and_the_job_goes_on(model_dir, refere
     before = out.read_text()
     assert run_main(*cmd(model_dir, tasks, out)) == 0
     assert out.read_text() == before
+
+
+def test_a_task_that_does_not_fit_stops_the_job_and_records_nothing(model_dir, tmp_path, capsys):
+    # Whether a task fits depends on the run (dtype, ranks, memory free now), not on the task: the
+    # job stops before any task, and no record (not even the bad JSON line's) makes a re-run skip it.
+    good = {"context": "x", "question": "q"}
+    lines = ["{not json", json.dumps({"id": "huge", "max_new_tokens": 10**13, **good})]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "sub" / "answers.jsonl"
+    assert run_main(*cmd(model_dir, tasks, out)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tasks}:2: task 'huge' does not fit this run: "), err
+    assert "nothing was recorded" in err[0]
+    assert not out.parent.exists()
+
+
+def test_context_root_flag(model_dir, reference, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "c1.txt").write_text(context(1))
+    (tmp_path / "jobs").mkdir()
+    tasks = tmp_path / "jobs" / "tasks.jsonl"
+    tasks.write_text(json.dumps({"id": "t1", "context_file": "c1.txt", "question": "What is item 1?"}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    assert run_main(*cmd(model_dir, tasks, out), "--context-root", str(tmp_path / "docs")) == 0
+    (got,) = records(out)
+    assert got["answer"] == reference["t1"]
 
 
 @pytest.mark.parametrize(

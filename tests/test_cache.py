@@ -28,7 +28,9 @@ def test_striped_pages_hold_every_token_once_in_order(world, page):
         assert bool(cache.owned_mask(g).all())
         lo, hi = cache.local_rows(10, 40)
         assert cache.to_global(torch.arange(lo, hi)).tolist() == [j for j in g.tolist() if 10 <= j < 40]
-        assert cache.local_capacity == local_capacity(n, world, page, rank)
+        # whole pages: this rank owns pages rank, rank + world, ... below ceil(n / page) (at least one)
+        owned_pages = len(range(rank, -(-n // page), world))
+        assert cache.local_capacity == local_capacity(n, world, page, rank) == max(1, owned_pages) * page
         seen += g.tolist()
     assert sorted(seen) == list(range(n))
 

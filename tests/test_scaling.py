@@ -381,26 +381,24 @@ def test_no_usable_record_is_an_error(tmp_path):
 
 
 def test_run_mode_launches_niah_and_passes_its_error_on(tmp_path):
-    """The run mode really starts launch/niah.py (which stops at once on a missing model): its command
-    and log land in the run directory and its one-line error comes back with exit status 2."""
+    """The run mode really starts launch/niah.py (which stops once the tokenizer says that 50 tokens
+    cannot hold the needle: a check scaling.py's up-front validation of niah's flags cannot make):
+    its command and log land in the run directory and its one-line error comes back with exit 2."""
     r = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "scaling.py"), "--strong-len", "1500", "--ranks", "1,2"]
-        + ["--model", "/no/such/model", "--out", str(tmp_path)],
+        [sys.executable, str(ROOT / "launch" / "scaling.py"), "--strong-len", "50", "--ranks", "1,2"]
+        + ["--out", str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: P=1 len 1500 failed (exit 2; "), r.stderr
-    assert "model '/no/such/model' not found" in lines[0]
-    run = tmp_path / "runs" / "len1500-p1"
-    assert (
-        "launch/niah.py --len 1500 --mode reattention --model /no/such/model --out"
-        in (run / "command.txt").read_text()
-    )
-    assert "error: model '/no/such/model' not found" in (run / "niah.log").read_text()
-    assert not (tmp_path / "runs" / "len1500-p2").exists()  # stopped at the first failure
+    assert len(lines) == 1 and lines[0].startswith("error: P=1 len 50 failed (exit 2; "), r.stderr
+    assert "--len 50 is too short to hold the needle and question" in lines[0]
+    run = tmp_path / "runs" / "len50-p1"
+    assert "launch/niah.py --len 50 --mode reattention --out" in (run / "command.txt").read_text()
+    assert "error: --len 50 is too short" in (run / "niah.log").read_text()
+    assert not (tmp_path / "runs" / "len50-p2").exists()  # stopped at the first failure
 
 
 # ---- weak scaling at constant work, the cost model, bench_comm ----------------------------------

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,14 +103,150 @@ def resolve(path: str) -> ModelSource:
         return ModelSource(directory, fname)
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
+        check_gguf(p)
         return ModelSource(p.parent, p.name)
     if p.is_dir():
         if not (p / "config.json").is_file():
             raise ConfigError(f"{p} has no config.json: give a Hugging Face model directory or a .gguf file")
+        check_hf_dir(p)
         return ModelSource(p, None)
     raise ConfigError(
         f"model {path!r} not found: give a bundled name ({', '.join(BUNDLED)}), a local HF directory or a .gguf file"
     )
+
+
+# What makes a Hugging Face directory loadable, besides config.json (file names transformers reads).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model.safetensors.index.json")
+
+
+def read_config_json(directory: Path) -> dict:
+    """A model directory's config.json as a dict with a string ``model_type``; ConfigError otherwise."""
+    f = directory / "config.json"
+    try:
+        data = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(
+            f"{f} is not valid JSON ({' '.join(str(e).split())[:80]}): restore the model's config.json"
+        ) from None
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str):
+        raise ConfigError(
+            f'{f} has no model_type: restore the model\'s own config.json (e.g. "model_type": "llama")'
+        )
+    return data
+
+
+def check_hf_dir(directory: Path) -> None:
+    """A local HF directory has a readable config.json of a supported architecture, a tokenizer
+    and weights: checked from file names, before transformers is imported."""
+    check_arch(read_config_json(directory)["model_type"])
+    if not any((directory / f).is_file() for f in _TOKENIZER_FILES):
+        raise ConfigError(
+            f"{directory} has no tokenizer (none of {', '.join(_TOKENIZER_FILES)}): save the model's "
+            "tokenizer there (tokenizer.save_pretrained) or give the complete model directory"
+        )
+    if not any(next(directory.glob(g), None) for g in _WEIGHT_GLOBS):
+        raise ConfigError(
+            f"{directory} has no weights (*.safetensors or pytorch_model*.bin): give the complete model "
+            f"directory, or random:{directory} for random weights of its shape"
+        )
+    for f in sorted(directory.glob("*.safetensors")):
+        check_safetensors(f)
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file's header parses and its tensors end where the file ends (not truncated)."""
+    fix = "give the complete model directory (re-download or re-save the weights)"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > min(size, 100 << 20):
+                raise ValueError("header length beyond the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, TypeError, KeyError, IndexError):
+        raise ConfigError(f"{path}: not a readable safetensors file ({size} bytes): {fix}") from None
+    if 8 + n + end > size:
+        raise ConfigError(
+            f"{path} is truncated: its tensors need {8 + n + end} bytes, the file has {size}: {fix}"
+        )
+
+
+# GGUF metadata value types -> fixed sizes in bytes (8: string, 9: array have their own layout).
+_GGUF_SCALAR = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def check_gguf(path: Path) -> None:
+    """Reads a GGUF file's header and tensor table (not the weights) and checks that every tensor's
+    data lies inside the file: a truncated copy or another file named .gguf is a ConfigError."""
+    fix = "give a complete GGUF file (re-download or re-convert it)"
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            data = f.read(min(size, 64 << 20))  # headers are a few MB at most (vocabularies)
+        if data[:4] != b"GGUF":
+            raise ConfigError(f"{path} is not a GGUF file (it does not start with 'GGUF'): {fix}")
+        version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+        if version not in (2, 3):
+            raise ConfigError(f"{path}: GGUF version {version} is not supported (2 or 3): {fix}")
+        pos, alignment = 24, 32
+
+        def take(fmt: str):
+            nonlocal pos
+            out = struct.unpack_from(fmt, data, pos)
+            pos += struct.calcsize(fmt)
+            return out[0] if len(out) == 1 else out
+
+        def skip_value(vtype: int) -> None:
+            nonlocal pos
+            if vtype == 8:
+                n = take("<Q")  # not `pos += take(...)`: that reads pos before take moves it
+                pos += n
+            elif vtype == 9:
+                etype, count = take("<I"), take("<Q")
+                if etype in _GGUF_SCALAR:
+                    pos += count * _GGUF_SCALAR[etype]
+                else:
+                    for _ in range(count):
+                        skip_value(etype)
+            else:
+                pos += _GGUF_SCALAR[vtype]
+
+        for _ in range(n_kv):
+            n = take("<Q")
+            key, pos = data[pos : pos + n], pos + n
+            vtype = take("<I")
+            if key == b"general.alignment" and vtype == 4:
+                alignment = struct.unpack_from("<I", data, pos)[0]
+            skip_value(vtype)
+        tensors = []
+        for _ in range(n_tensors):
+            n = take("<Q")  # the name
+            pos += n
+            dims = [take("<Q") for _ in range(take("<I"))]
+            tensors.append((dims, take("<I"), take("<Q")))
+            if pos > len(data):
+                raise struct.error("header runs past the end")
+    except (struct.error, KeyError, IndexError, RecursionError):
+        raise ConfigError(f"{path}: GGUF header is truncated or corrupt ({size} bytes): {fix}") from None
+    start = -(-pos // alignment) * alignment
+    try:
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+    except ImportError:
+        raise ConfigError(f"{path}: loading GGUF files needs the gguf package: pip install gguf") from None
+    need = start
+    for dims, qtype, offset in tensors:
+        try:
+            block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType(qtype)]
+        except (KeyError, ValueError):
+            raise ConfigError(f"{path}: unknown GGUF tensor type {qtype}: {fix}") from None
+        n = 1
+        for d in dims:
+            n *= d
+        need = max(need, start + offset + n // block * nbytes)
+    if need > size:
+        raise ConfigError(f"{path} is truncated: its tensors need {need} bytes, the file has {size}: {fix}")
 
 
 def check_arch(model_type: str) -> None:
@@ -139,7 +278,23 @@ def load_spec(src: ModelSource) -> ModelSpec:
     """Reads only the model's config (no weights), for memory planning before the load."""
     from transformers import AutoConfig
 
-    return spec_from_hf_config(AutoConfig.from_pretrained(src.directory, **src.kwargs()))
+    with _unreadable(src, "config"):
+        config = AutoConfig.from_pretrained(src.directory, **src.kwargs())
+    return spec_from_hf_config(config)
+
+
+@contextlib.contextmanager
+def _unreadable(src: ModelSource, what: str):
+    """Turns transformers' failure to read a model file into one ConfigError line naming the file."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        first = " ".join(str(e).split())[:160]
+        raise ConfigError(
+            f"{src}: its {what} cannot be read ({type(e).__name__}: {first}): give a complete model"
+        ) from None
 
 
 def load_tokenizer(src: ModelSource):
@@ -158,7 +313,8 @@ def load_tokenizer(src: ModelSource):
                 f"{src}: vocabulary {vocab} is smaller than the borrowed SmolLM2 tokenizer's {len(tokenizer)}"
             )
         return tokenizer
-    return AutoTokenizer.from_pretrained(src.directory, **src.kwargs())
+    with _unreadable(src, "tokenizer"):
+        return AutoTokenizer.from_pretrained(src.directory, **src.kwargs())
 
 
 def load_model(src: ModelSource, dtype: torch.dtype, device: torch.device):
@@ -180,7 +336,8 @@ def load_model(src: ModelSource, dtype: torch.dtype, device: torch.device):
         with torch.device(device):  # initialized where it runs: an 8B model in seconds on a GPU
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model.eval()
-    model = AutoModelForCausalLM.from_pretrained(src.directory, dtype=dtype, **src.kwargs())
+    with _unreadable(src, "weights"):  # a corrupt weights file is bad input, not a crash
+        model = AutoModelForCausalLM.from_pretrained(src.directory, dtype=dtype, **src.kwargs())
     check_arch(model.config.model_type)
     quantizer = getattr(model, "hf_quantizer", None)
     if src.gguf_file and quantizer is not None and all(p.dtype.is_floating_point for p in model.parameters()):

@@ -357,6 +357,13 @@ def load_points(
             if mode is not None and r["mode"] != mode:
                 skipped[f"{shown}: mode {r['mode']}"] += 1
                 continue
+            for k in ("len", "target_len", "world"):
+                v = r[k]
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    raise ScalingError(
+                        f"{shown}:{line}: {k} is {json.dumps(v)}, not a positive integer: fix or delete "
+                        "that line (launch/niah.py writes whole records)"
+                    )
             if not isinstance(r["prefill_seconds"], (int, float)) or r["prefill_seconds"] <= 0:
                 skipped[f"{shown}: prefill_seconds {r['prefill_seconds']}"] += 1
                 continue

@@ -6,8 +6,10 @@ Task file (JSONL, one task per line)::
     {"id": 2, "context_file": "docs/2.txt", "question": "...", "max_new_tokens": 32,
      "overrides": {"scope.topk": 8, "scope.mode": "full"}, "meta": {"anything": "copied to the record"}}
 
-``context_file`` is read as UTF-8, relative paths against the task file's folder. Only the ``scope``
-section may vary per task: the model, its dtype and the cache layout are fixed by the one load.
+``context_file`` is read as UTF-8, relative paths against the context root (by default the task
+file's folder), and a path that leads outside the root (``../x``, ``/etc/passwd``, a symlink out) is
+refused. Only the ``scope`` section may vary per task: the model, its dtype and the cache layout are
+fixed by the one load.
 
 Output file (JSONL, one record per task, appended with a single write each, see
 :mod:`dist_reattn.report.results`): an answer record (``id``, ``answer``, ``prompt_tokens``,
@@ -15,6 +17,9 @@ Output file (JSONL, one record per task, appended with a single write each, see
 ``{"id", "line", "error"}``; a line with no usable id is named ``line:N`` (its 1-based line number).
 Both kinds count as done: a resumed job skips every id already in the output, so a bad line is
 reported once and never retried in a loop (fix it and delete its record, or give it a new id).
+Only a task's own fault becomes an error record. What depends on the run (a task that does not fit
+this run's memory: dtype, ranks, what is free right now) refuses the whole job before any task runs
+and before any record is written, so the same command runs it once memory allows.
 
 Rank 0 alone reads the task file, tokenizes, writes the output, and decides the work; the other
 ranks receive the plan through one ``broadcast_object`` and run the same engine steps.
@@ -104,8 +109,9 @@ class BatchPlan:
         capacity: cache rows for the longest task (0 when there is nothing to run).
         plan_scope: the most demanding scope among ``todo``, for the memory plan.
         skipped: tasks already in the output (answered or errored by an earlier run).
-        errors: error records written by this run before loading the model.
+        errors: error records of this run (tasks' own faults), written once the job is accepted.
         total: task lines in the file (blank lines excluded).
+        error_records: those records, not yet written.
     """
 
     todo: list[Task]
@@ -114,6 +120,7 @@ class BatchPlan:
     skipped: int
     errors: int
     total: int
+    error_records: list[dict] = dataclasses.field(default_factory=list)
 
 
 def key(task_id: object) -> str:
@@ -179,7 +186,7 @@ def task_scope(base: Config, overrides: object) -> ScopeConfig:
     return cfg.scope
 
 
-def _read_context(task: dict, folder: Path) -> str:
+def _read_context(task: dict, root: Path) -> str:
     has_text, has_file = "context" in task, "context_file" in task
     if has_text == has_file:
         raise ConfigError("give exactly one of context or context_file")
@@ -190,7 +197,13 @@ def _read_context(task: dict, folder: Path) -> str:
     if not isinstance(task["context_file"], str):
         raise ConfigError("context_file must be a path string")
     path = Path(task["context_file"]).expanduser()
-    path = path if path.is_absolute() else folder / path
+    path = path if path.is_absolute() else root / path
+    # resolve() follows symlinks and "..": what is read is what is checked.
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ConfigError(
+            f"context_file {task['context_file']!r} is outside the context root {str(root)!r}: "
+            "put the file under it, or run with --context-root set to a folder that holds it"
+        )
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -199,15 +212,15 @@ def _read_context(task: dict, folder: Path) -> str:
         raise ConfigError(f"context_file {str(path)!r} unreadable: {e}") from None
 
 
-def parse_task(line: int, task: dict, folder: Path, tokenizer, cfg: Config, max_new_tokens: int) -> Task:
-    """Validates and tokenizes one task object; raises ConfigError naming the problem."""
+def parse_task(line: int, task: dict, root: Path, tokenizer, cfg: Config, max_new_tokens: int) -> Task:
+    """Validates and tokenizes one task object (``root``: the context root); raises ConfigError naming the problem."""
     unknown = sorted(set(task) - TASK_KEYS)
     if unknown:
         raise ConfigError(f"unknown field(s) {', '.join(unknown)}; fields are {', '.join(sorted(TASK_KEYS))}")
     question = task.get("question")
     if not isinstance(question, str) or not question.strip():
         raise ConfigError("question missing or empty")
-    context = _read_context(task, folder)
+    context = _read_context(task, root)
     new = task.get("max_new_tokens", max_new_tokens)
     if isinstance(new, bool) or not isinstance(new, int) or new < 1:
         raise ConfigError(f"max_new_tokens={new!r} must be an integer >= 1")
@@ -234,11 +247,13 @@ def read_tasks(
     target: Target,
     max_new_tokens: int,
     world: int,
+    context_root: Path | None = None,
 ) -> BatchPlan:
-    """Reads the task file, skips what ``out`` already holds, writes error records, plans the rest.
+    """Reads the task file, skips what ``out`` already holds, collects error records, plans the rest.
 
     A task whose own memory plan (its prompt + ``max_new_tokens`` alone, with its scope) does not fit
-    gets an error record; the others share one cache sized for the longest of them.
+    refuses the whole job (ConfigError): that depends on the run, not on the task. The others share
+    one cache sized for the longest of them. Nothing is written here.
 
     Args:
         path: the task file (JSONL).
@@ -248,8 +263,11 @@ def read_tasks(
         target: model shape, device and dtype, for the per-task memory check.
         max_new_tokens: default for tasks that do not set their own.
         world: ranks in the job (the cache is split over them).
+        context_root: the folder every ``context_file`` must lie in (default: the task file's).
     """
+    root = path.parent if context_root is None else Path(context_root)
     done = done_ids(out)
+    records: list[dict] = []
     seen: dict[str, int] = {}
     todo: list[Task] = []
     skipped = errors = total = 0
@@ -284,18 +302,19 @@ def read_tasks(
                 raise ConfigError(
                     "id missing or not a non-empty string or integer (or of the reserved form line:N)"
                 )
-            task = parse_task(number, obj, path.parent, tokenizer, cfg, max_new_tokens)
-            plan = target.plan(task.scope, task.tokens, world, cfg.cache.page)
-            if not plan.fits():
-                raise ConfigError(
-                    f"does not fit: {len(task.input_ids)} prompt + {task.max_new_tokens} new tokens need "
-                    f"{plan.describe()}; shorten the context, use more ranks or a smaller dtype"
-                )
+            task = parse_task(number, obj, root, tokenizer, cfg, max_new_tokens)
         except ConfigError as e:
-            append_record(out, {"id": rid, "line": number, "error": str(e)})
+            records.append({"id": rid, "line": number, "error": str(e)})
             errors += 1
             log.warning(f"{path}:{number}: task {rid!r}: {e}")
             continue
+        plan = target.plan(task.scope, task.tokens, world, cfg.cache.page)
+        if not plan.fits():
+            raise ConfigError(
+                f"{path}:{number}: task {rid!r} does not fit this run: {len(task.input_ids)} prompt + "
+                f"{task.max_new_tokens} new tokens need {plan.describe()}; use more ranks or a smaller "
+                "dtype (--model.dtype=bf16), free memory, or shorten that task; nothing was recorded"
+            )
         todo.append(task)
     capacity = max((t.tokens for t in todo), default=0)
     # One cache serves every task: planned for the scope that needs most at the longest task's size
@@ -305,7 +324,7 @@ def read_tasks(
         key=lambda s: target.plan(s, capacity, world, cfg.cache.page).total,
         default=None,
     )
-    return BatchPlan(todo, capacity, plan_scope, skipped, errors, total)
+    return BatchPlan(todo, capacity, plan_scope, skipped, errors, total, records)
 
 
 def answer_record(
@@ -352,15 +371,17 @@ class Outcome:
 
 
 def plan_job(
-    tasks: Path, out: Path, cfg: Config, max_new_tokens: int, comm: Comm
+    tasks: Path, out: Path, cfg: Config, max_new_tokens: int, comm: Comm, context_root: Path | None = None
 ) -> tuple[BatchPlan, Prepared | None]:
-    """Rank 0 reads, validates and plans; every rank gets the plan and checks its own memory.
+    """Rank 0 reads, validates and plans; every rank gets the plan and checks its own memory; once
+    every rank accepts the job, rank 0 writes the tasks' error records.
 
     Returns:
         The plan, and the prepared model source and memory plan (None when nothing is left to run).
 
     Raises:
-        ConfigError: the model is missing, or the longest task cannot fit: no weights have loaded.
+        ConfigError: the model is missing, or a task cannot fit on some rank: no weights have loaded
+            and no record has been written.
     """
     plan = None
     if comm.rank == 0:
@@ -369,17 +390,29 @@ def plan_job(
             device = pick_device(cfg.model.device)
             target = Target(load_spec(source), device, pick_dtype(cfg.model.dtype, device))
             tokenizer = load_tokenizer(source)
-            plan = read_tasks(tasks, out, tokenizer, cfg, target, max_new_tokens, comm.world)
+            plan = read_tasks(tasks, out, tokenizer, cfg, target, max_new_tokens, comm.world, context_root)
         except ConfigError as e:
             plan = str(e)  # every rank must leave with the same error, not wait for a plan
     plan = comm.broadcast_object(plan)
     if isinstance(plan, str):
         raise ConfigError(plan)
-    if not plan.todo:
-        return plan, None
-    plan_cfg = copy.deepcopy(cfg)
-    plan_cfg.scope = plan.plan_scope
-    return plan, prepare(plan_cfg, plan.capacity, comm)
+    prep = refusal = None
+    if plan.todo:
+        plan_cfg = copy.deepcopy(cfg)
+        plan_cfg.scope = plan.plan_scope
+        try:
+            prep = prepare(plan_cfg, plan.capacity, comm)
+        except ConfigError as e:
+            refusal = str(e)
+        # Memory differs per rank: one rank's refusal must stop every rank, not leave them waiting.
+        refusals = [r for r in comm.all_gather_object(refusal, "plan_check") if r]
+        if refusals:
+            raise ConfigError(refusals[0])
+    if comm.rank == 0 and plan.error_records:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for record in plan.error_records:
+            append_record(out, record)
+    return plan, prep
 
 
 def run_tasks(
