@@ -180,8 +180,8 @@ def fetch_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """K/V rows of global tokens from the ranks that own them: each owner sends only its rows.
 
-    Each owner finds the rows it holds of every requesting rank's lists, places them in list order
-    at their running count (a cumulative sum, no sort) and sends the first ``capacity`` of each list; the requester
+    Each owner finds the rows it holds of every requesting rank's lists, keeps them in list order
+    (a stable sort puts them first) and sends the first ``capacity`` of each list; the requester
     puts each row back at its place in the list. ``capacity`` must bound the rows one rank owns of
     one list (:func:`fetch_capacity`): the exchange is then exact whatever was selected.
 
@@ -203,11 +203,8 @@ def fetch_rows(
     else:
         every = lists[None].expand(P, B, T)
     owned = (every >= 0) & cache.owned_mask(every)
-    # Each owned entry goes to its running count among the owned ones (list order kept); the rest
-    # go to a spill column past the capacity, dropped. Unfilled slots read row 0 (never used).
-    slot = torch.where(owned, owned.cumsum(-1) - 1, capacity)
-    rows = every.new_zeros((P, B, capacity + 1)).scatter_(-1, slot, cache.to_local(every.clamp(min=0)))
-    rows = rows[..., :capacity]
+    keep = (~owned).to(torch.int8).sort(dim=-1, stable=True).indices[..., :capacity]  # owned first, in order
+    rows = cache.to_local(every.gather(-1, keep).clamp(min=0)).clamp(max=cache.local_capacity - 1)
     kv = torch.stack([cache.k[layer, rows], cache.v[layer, rows]], dim=3)  # [P, B, C, 2, Hkv, d]
     if heads is not None:
         width = max(h for _, h in heads)
