@@ -124,6 +124,13 @@ class ParallelConfig:
 
 
 @dataclass
+class GenerateConfig:
+    graph: bool = True
+    """Decode greedy tokens as CUDA graph replays where they apply (one rank on a CUDA device, a
+    bounded scope: ``dist_reattn.decode.graph_reason``); elsewhere, and with False, step by step."""
+
+
+@dataclass
 class DistConfig:
     timeout_s: float = 600.0
     """A collective waiting longer than this (a dead or hung rank) ends the whole job."""
@@ -139,6 +146,7 @@ class Config:
     debug: DebugConfig = field(default_factory=DebugConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def validate(self) -> None:
         self.scope.validate()

@@ -17,6 +17,7 @@ from . import exchange
 from .attention import merge_partials, partial_attention, scope_attention
 from .cache import KVCache, Window
 from .config import ScopeConfig
+from .decode import Decoded, GreedyDecoder, graph_reason
 from .distributed import Comm
 from .exchange import Part
 from .models.adapter import ReAttnModel
@@ -33,10 +34,22 @@ class Generation:
     decode_seconds: float
     profile: dict
     """Per-stage, per-phase seconds and counters (:meth:`Profile.as_dict`)."""
+    decode_tokens: int = 0
+    """Tokens made by the steps that ``decode_seconds`` times (steady state)."""
+    decode_warmup_seconds: float = 0.0
+    """The decode steps before steady state: the first one (kernels compile for c = 1) and, with CUDA
+    graphs, the eager warm-up steps and the capture."""
+    decode_graph: bool = False
+    """Whether the steady-state tokens came from CUDA graph replays."""
 
     @property
     def prefill_tok_s(self) -> float:
         return self.prompt_tokens / max(self.prefill_seconds, 1e-9)
+
+    @property
+    def decode_ms_per_token(self) -> float:
+        """Steady-state decode: warm-up (compilation, capture) excluded."""
+        return 1e3 * self.decode_seconds / max(self.decode_tokens, 1)
 
 
 class Step:
@@ -108,7 +121,7 @@ class Step:
             per_rank = part.owners_in(first - count, count) if part.split else None
             q_chunks = q_all[:, off : off + size * count].unflatten(1, (count, size)).permute(1, 2, 0, 3)
             scope = e.scopes_for(layer, q_chunks, n, (b0, b1), per_rank)  # [b1 - b0, M]
-            if self.c == 1 and e.comm.world > 1 and e.decode == "lse":
+            if self.c == 1 and e.comm.world > 1 and e.decode_attention == "lse":
                 return e.attend_partials(layer, q_all[:, 0], scope.row(0), n, scaling)
             keys, values = e.scope_kv(layer, scope, per_rank)
             if b1 == b0:
@@ -145,6 +158,8 @@ class Engine:
         decode: with several ranks, how a decode step attends: ``lse`` (each rank attends over the
             scope tokens it owns, partial outputs merged by log-sum-exp: moves ``[H, d + 1]`` per rank
             and layer) or ``gather`` (the scope K/V is assembled on every rank, as in prefill).
+        graph: decode greedy tokens by CUDA graph replay where :func:`~dist_reattn.decode.graph_reason`
+            allows it (one rank on a CUDA device, a bounded scope); elsewhere the plain step.
 
     With several ranks and a model that is not tensor-parallel, a prefill slab of at least P
     chunks is split into sequence groups (:class:`~dist_reattn.exchange.Part`).
@@ -160,6 +175,7 @@ class Engine:
         record_selection: bool = False,
         check_consensus: bool = False,
         decode: str = "lse",
+        graph: bool = True,
     ):
         scope.validate()
         self.model, self.scope, self.capacity = model, scope, capacity
@@ -190,7 +206,7 @@ class Engine:
             self.kv_heads = slice(h0, h0 + h)
         if decode not in ("lse", "gather"):
             raise ValueError(f"decode={decode!r}: use lse or gather")
-        self.decode = decode
+        self.decode_attention, self.graph = decode, graph
         self.profile = Profile(model.device)
         self.comm.profile = self.profile
         self.n = 0
@@ -303,7 +319,7 @@ class Engine:
         Returns:
             ``[c, h, d]``.
         """
-        if q.shape[1] == 1 and self.comm.world > 1 and self.decode == "lse":
+        if q.shape[1] == 1 and self.comm.world > 1 and self.decode_attention == "lse":
             return self.attend_partials(layer, q_all[:, 0], None, n, scaling)
         w, dev = self.window, q.device
         with self.profile.phase("kv_fetch"):
@@ -426,12 +442,45 @@ class Engine:
         logits = self.prefill(ids, on_chunk)
         sync()
         t1 = time.perf_counter()
-        out: list[int] = []
-        while len(out) < max_new_tokens:
-            token = int(logits.argmax())
-            out.append(token)
-            if token in self.model.eos_ids or len(out) == max_new_tokens:
-                break
-            logits = self.step(torch.tensor([token]), stage="decode")
+        d = self.decode(int(logits.argmax()), max_new_tokens)
+        return Generation(
+            d.tokens,
+            ids.shape[0],
+            t1 - t0,
+            d.seconds,
+            self.profile.as_dict(),
+            decode_tokens=d.steps,
+            decode_warmup_seconds=d.warmup_seconds,
+            decode_graph=d.graph,
+        )
+
+    def decode(self, first: int, max_new_tokens: int) -> Decoded:
+        """Greedy tokens after the sequence in the cache, ``first`` (the last logits' argmax) first,
+        until EOS or ``max_new_tokens`` in all: CUDA graph replays where
+        :func:`~dist_reattn.decode.graph_reason` allows (and ``graph``), else step by step."""
+        eos = self.model.eos_ids
+        if self.graph and max_new_tokens > 1 and first not in eos and graph_reason(self) is None:
+            d = GreedyDecoder(self).run(first, max_new_tokens, eos)
+            self.profile.add(
+                "decode_warmup", "graph", d.warmup_seconds, tokens=d.warmup_steps, steps=d.warmup_steps
+            )
+            self.profile.add("decode", "graph", d.seconds, tokens=d.steps, steps=d.steps)
+            return d
+        return self._decode_plain([first], max_new_tokens)
+
+    def _decode_plain(self, out: list[int], max_new_tokens: int) -> Decoded:
+        """Greedy steps one by one; the first step (the c = 1 kernels compile there) is the warm-up."""
+        sync = torch.cuda.synchronize if self.model.device.type == "cuda" else (lambda: None)
+        t0 = time.perf_counter()
+        warm = None  # when the first step ended
+        while out[-1] not in self.model.eos_ids and len(out) < max_new_tokens:
+            if len(out) == 2:
+                sync()
+                warm = time.perf_counter()
+            stage = "decode_warmup" if len(out) == 1 else "decode"
+            logits = self.step(torch.tensor([out[-1]]), stage=stage)
+            out.append(int(logits.argmax()))
         sync()
-        return Generation(out, ids.shape[0], t1 - t0, time.perf_counter() - t1, self.profile.as_dict())
+        t1 = time.perf_counter()
+        warm = t1 if warm is None else warm
+        return Decoded(out, warm - t0, min(len(out) - 1, 1), t1 - warm, max(len(out) - 2, 0), False)

@@ -83,6 +83,12 @@ class Profile:
         """Adds to a counter of the current stage (e.g. layer steps)."""
         self.counts[self.stage][name] += n
 
+    def add(self, stage: str, phase: str, seconds: float, tokens: int, steps: int) -> None:
+        """Adds time measured outside :meth:`begin`/:meth:`end` (a CUDA graph replays many steps at once)."""
+        self.seconds[stage][phase] += seconds
+        self.counts[stage]["steps"] += steps
+        self.counts[stage]["tokens"] += tokens
+
     def reset(self) -> None:
         self.seconds.clear()
         self.counts.clear()

@@ -71,4 +71,5 @@ def build_engine(cfg: Config, prep: Prepared, capacity: int, comm: Comm):
         record_selection=cfg.debug.record_selection,
         check_consensus=cfg.debug.check_consensus,
         decode=cfg.parallel.decode,
+        graph=cfg.generate.graph,
     )

@@ -17,7 +17,7 @@ from .kernels import score_topk, score_topk_ref, sort_topk, supports
 
 
 def local_topk(
-    q: torch.Tensor, keys: torch.Tensor, lo: int, hi: int, topk: int
+    q: torch.Tensor, keys: torch.Tensor, lo: int, hi: int | torch.Tensor, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-k of ``q . k`` over local key rows ``[lo, hi)``.
 
@@ -26,6 +26,7 @@ def local_topk(
     Args:
         q: ``[c, H, d]`` un-rotated queries of all heads.
         keys: ``[N_local, Hkv, d]`` this rank's un-rotated keys of one layer.
+        hi: an int, or a one-element tensor on q's device (read there by the kernel: graph decode).
 
     Returns:
         ``(scores, rows)``: ``[c, H, topk]`` fp32 scores and int64 local rows (-1 for padding).
@@ -154,17 +155,26 @@ def widen(
     Returns:
         ``(tokens, valid)``, both ``[..., R * span]``: the distinct tokens ascending, then padding.
     """
-    offsets = torch.arange(span, device=kept.device) - span // 2
-    tokens = kept[..., None] + offsets  # [..., R, span]
+    # Sort the R hits (not the R * span tokens: a sort of thousands of entries costs tens of us per
+    # layer in decode). Equal-length intervals with ascending starts: interval i repeats only tokens
+    # of interval i - 1, below that one's end, so dropping those leaves every token once, ascending.
+    key = torch.where(valid, kept, _PAD).sort(dim=-1).values  # [..., R] ascending, padding last
+    real = key != _PAD
+    first = torch.where(real, key, 0) - span // 2  # [..., R] interval starts
+    prev_end = torch.cat([torch.full_like(first[..., :1], lo), first[..., :-1] + span], dim=-1)
+    tokens = first[..., None] + torch.arange(span, device=kept.device)  # [..., R, span]
     if isinstance(hi, torch.Tensor):
         hi = hi[..., None, None]
-    ok = valid[..., None] & (tokens >= lo) & (tokens < hi)
-    tokens = torch.where(ok, tokens, _PAD).flatten(-2).sort(dim=-1).values
-    dup = torch.zeros_like(tokens, dtype=torch.bool)
-    dup[..., 1:] = tokens[..., 1:] == tokens[..., :-1]
-    tokens = torch.where(dup, _PAD, tokens).sort(dim=-1).values
-    valid = tokens != _PAD
-    return torch.where(valid, tokens, 0), valid
+    ok = real[..., None] & (tokens >= lo) & (tokens < hi) & (tokens >= prev_end[..., None])
+    tokens, ok = tokens.flatten(-2), ok.flatten(-2)  # [..., R * span]
+    # Compaction by running count: entry i goes to slot (number of kept entries before it); the
+    # dropped ones go to one extra slot, cut off below.
+    m = tokens.shape[-1]
+    slot = torch.where(ok, ok.cumsum(-1) - 1, m)
+    out = torch.zeros((*tokens.shape[:-1], m + 1), dtype=tokens.dtype, device=tokens.device)
+    out = out.scatter_(-1, slot, torch.where(ok, tokens, 0))[..., :m]
+    valid = torch.arange(m, device=tokens.device) < ok.sum(-1, keepdim=True)
+    return out, valid
 
 
 def scope_of(n: int | torch.Tensor, cfg: ScopeConfig, selected: torch.Tensor, valid: torch.Tensor) -> Scope:

@@ -84,14 +84,15 @@ def _block_topk(s: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def score_topk_ref(
-    q: torch.Tensor, k: torch.Tensor, start: int, end: int, topk: int, block: int = REF_BLOCK
+    q: torch.Tensor, k: torch.Tensor, start: int, end: int | torch.Tensor, topk: int, block: int = REF_BLOCK
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch exact score + top-k (the definition the Triton kernel must match).
 
     Args:
         q: ``[c, H, d]`` un-rotated queries (any float dtype; computed in fp32).
         k: ``[N, Hkv, d]`` un-rotated keys of this rank; ``H % Hkv == 0``.
-        start, end: key rows ``[start, end)`` to score, ``0 <= start <= end <= N``.
+        start, end: key rows ``[start, end)`` to score, ``0 <= start <= end <= N`` (``end`` may be a
+            one-element tensor, as for :func:`score_topk`).
         topk: keys kept per (query token, query head), ``>= 1``.
         block: keys scored per step (bounds the transient ``[H, c, block]`` scores).
 
@@ -101,6 +102,7 @@ def score_topk_ref(
     c, H, d = q.shape
     Hkv = k.shape[1]
     g = H // Hkv
+    end = int(end)  # a one-element tensor too (the kernel's device end; here it waits for the device)
     assert H % Hkv == 0 and k.shape[2] == d and 0 <= start <= end <= k.shape[0] and topk >= 1
     qf = q.float().reshape(c, Hkv, g, d).permute(1, 2, 0, 3).reshape(Hkv, g * c, d)  # [Hkv, g*c, d]
     best_s = qf.new_full((Hkv, g * c, topk), float("-inf"))
@@ -286,8 +288,15 @@ if triton is not None:
         IEEE: tl.constexpr,
         MERGE: tl.constexpr,
         SCORE_ONLY: tl.constexpr,
+        END_PTR: tl.constexpr,
     ):
-        """Partial top-k of one (row block, key split, KV head): writes ``part_*[i, h, split, :TOPK]``."""
+        """Partial top-k of one (row block, key split, KV head): writes ``part_*[i, h, split, :TOPK]``.
+
+        With ``END_PTR`` the ``end`` argument points at the end row on the device (CUDA-graph decode:
+        the range grows by one key per replay with no new launch parameters); splits past it store
+        empty lists."""
+        if END_PTR:
+            end = tl.load(end).to(tl.int32)
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         kvh = tl.program_id(2)
@@ -679,7 +688,7 @@ def score_topk(
     q: torch.Tensor,
     k: torch.Tensor,
     start: int,
-    end: int,
+    end: int | torch.Tensor,
     topk: int,
     *,
     splits: int | None = None,
@@ -690,7 +699,10 @@ def score_topk(
     Args:
         q: ``[c, H, d]`` un-rotated queries, fp16/bf16 (fp32 too), last dim contiguous.
         k: ``[N, Hkv, d]`` keys of this rank, same dtype and device, last dim contiguous.
-        start, end: key rows ``[start, end)``; ``0 <= start <= end <= N``.
+        start, end: key rows ``[start, end)``; ``0 <= start <= end <= N``. ``end`` may be a
+            one-element integer tensor on the device (CUDA-graph decode): the kernel reads it there
+            and the launch, sized for ``[start, N)``, never changes; the caller keeps it in range
+            (nothing is checked on the host) and it takes the one-pass path.
         topk: keys kept per (token, head), ``1 <= topk <= MAX_TOPK``.
         splits: key-range splits per row block (default: enough to fill the GPU).
         config: overrides, for benchmarks: ``BLOCK_M``, ``BLOCK_N`` (<= 256), ``num_warps``,
@@ -719,18 +731,25 @@ def score_topk(
     where = "cpu (TRITON_INTERPRET=1)" if INTERPRETED else "cuda"
     assert supports(q.device), f"score_topk runs on {where} tensors in this process, got {q.device}"
     assert q.stride(2) == 1 and k.stride(2) == 1, "last dim of q and k must be contiguous"
-    assert 0 <= start <= end <= N < 2**31, (start, end, N)
+    on_device = isinstance(end, torch.Tensor)
+    if on_device:
+        assert end.numel() == 1 and end.device == q.device and not end.is_floating_point(), end
+        assert 0 <= start <= N < 2**31, (start, N)
+    else:
+        assert 0 <= start <= end <= N < 2**31, (start, end, N)
     assert 1 <= topk <= MAX_TOPK, f"topk must be in [1, {MAX_TOPK}], got {topk}"
 
     g = H // Hkv
     n_rows = g * c
-    cfg = {**default_config(n_rows, d, topk, (config or {}).get("TWO_PASS")), **(config or {})}
+    two_pass = False if on_device else (config or {}).get("TWO_PASS")
+    cfg = {**default_config(n_rows, d, topk, two_pass), **(config or {})}
     unknown = set(cfg) - _CONFIG_KEYS
     assert not unknown, f"unknown config keys: {sorted(unknown)}"
     assert cfg["BLOCK_N"] <= 256, (
         f"BLOCK_N {cfg['BLOCK_N']} > 256: the packed count/column sum would overflow"
     )
     if cfg.get("TWO_PASS"):
+        assert not on_device, "TWO_PASS needs a host end row: a device end takes the one-pass path"
         assert topk <= 4, f"TWO_PASS keeps four tile maxima per row: topk {topk} > 4"
         assert not cfg.get("SCORE_ONLY"), "SCORE_ONLY is a one-pass option: add TWO_PASS=False"
         assert cfg.get("FILTER", 0) in (0, 1, 2), f"FILTER is 0, 1 or 2, got {cfg.get('FILTER')}"
@@ -763,7 +782,8 @@ def _one_pass(q, k, start, end, topk, splits, cfg):
     c, H, d = q.shape
     Hkv = k.shape[1]
     g = H // Hkv
-    n_rows, n_keys = g * c, end - start
+    on_device = isinstance(end, torch.Tensor)
+    n_rows, n_keys = g * c, (k.shape[0] if on_device else end) - start  # a device end: split [start, N)
     block_m, block_n = cfg["BLOCK_M"], cfg["BLOCK_N"]
     topk_pad = max(2, _next_pow2(topk))
     row_blocks = triton.cdiv(n_rows, block_m)
@@ -800,6 +820,7 @@ def _one_pass(q, k, start, end, topk, splits, cfg):
         IEEE=q.dtype == torch.float32,
         MERGE=cfg.get("MERGE", 0),
         SCORE_ONLY=cfg.get("SCORE_ONLY", False),
+        END_PTR=on_device,
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )

@@ -68,7 +68,7 @@ def run_all(comm: Comm, layout: str = "sequence", archs=ARCHS, page: int = PAGE)
                 model, scope, N + NEW, comm=comm, page=page, record_selection=True, check_consensus=True
             )
             for decode in ("lse", "gather"):
-                engine.decode = decode
+                engine.decode_attention = decode
                 logits, tokens, selections = greedy(engine, ids)
                 out[arch, mode, decode] = {"logits": logits, "tokens": tokens, "selections": selections}
     out["stats"] = comm.stats.as_dict()

@@ -185,6 +185,27 @@ def test_kernel_matches_ref(case, ties, variant, device):
     _check(q, k, start, end, topk, v, i, exact=ties)
 
 
+@needs_kernel
+@pytest.mark.parametrize("device", [DEVICE])
+@pytest.mark.parametrize("ties", [True, False])
+@pytest.mark.parametrize("merge", [0, 1])
+def test_device_end_row(merge, ties, device):
+    # CUDA-graph decode passes the end row as a tensor the kernel reads on the device, with a launch
+    # sized for [start, N): every end from empty to N, ragged tails and ends inside the first split,
+    # must give what the host-end launch gives (exactly, on tie-heavy integer data).
+    c, H, Hkv, d, N, start, topk = 1, 9, 3, 64, 300, 5, 4
+    q, k = make(c, H, Hkv, d, N, torch.float16, ties, seed=7 + merge, device=device)
+    cfg = {"TWO_PASS": False, "MERGE": merge}
+    for end in (start, start + 1, start + 3, 64, 131, 255, N - 1, N):
+        end_t = torch.tensor([end], device=device)
+        v, i = score_topk(q, k, start, end_t, topk, config=cfg, splits=3)
+        _check(q, k, start, end, topk, v, i, exact=ties)
+        hv, hi = score_topk(q, k, start, end, topk, config=cfg)
+        assert torch.equal(i, hi) and torch.equal(v, hv), end
+    rv, ri = score_topk_ref(q, k, start, torch.tensor([131]), topk)  # the reference takes a tensor too
+    assert torch.equal(ri, score_topk_ref(q, k, start, 131, topk)[1])
+
+
 # Block shapes for the adversarial cases. In the interpreter the default picks BLOCK_M 16 or 32
 # and BLOCK_M2 16; compiled, BLOCK_M up to 256 with 4-8 warps against BLOCK_M2 16 with 1 warp.
 # Pass 1 and pass 2 then sum the same products in other orders (BLAS or tensor-core tiles).

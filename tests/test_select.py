@@ -7,7 +7,7 @@ import torch
 
 from dist_reattn.cache import KVCache
 from dist_reattn.config import ScopeConfig
-from dist_reattn.select import local_topk, select_from_candidates, vote
+from dist_reattn.select import local_topk, select_from_candidates, vote, widen
 
 
 def brute_force_scope(q, k, n, cfg: ScopeConfig) -> list[int]:
@@ -80,3 +80,24 @@ def kept(scores, index, recall_clip) -> list[int]:
     tokens, valid = vote(scores, index, recall_clip)
     assert tokens.shape == valid.shape == (recall_clip,)
     return sorted(tokens[valid].tolist())
+
+
+@pytest.mark.parametrize("span", [1, 4, 7, 32])
+def test_widen_is_the_sorted_union_of_the_clipped_spans(span):
+    # Against a set union: hits packed closer than a span (overlaps of 2+ intervals), hits at the
+    # edges of [lo, hi) (clipped), padding among the hits, a per-chunk hi.
+    gen = torch.Generator().manual_seed(span)
+    B, R, lo = 6, 12, 3
+    hi = torch.tensor([40, 41, 60, 5, 100, 3])
+    kept = torch.stack([torch.randperm(100, generator=gen)[:R] for _ in range(B)])  # distinct, as vote gives
+    kept[0] = torch.tensor([10, 11, 12, 13, 3, 39, 14, 16, 0, 1, 2, 99])  # dense, and at both edges
+    valid = torch.rand((B, R), generator=gen) < 0.8
+    tokens, ok = widen(kept, valid, span, lo, hi)
+    assert tokens.shape == ok.shape == (B, R * span)
+    for b in range(B):
+        want = sorted(
+            {int(j) - span // 2 + o for j, v in zip(kept[b], valid[b], strict=True) if v for o in range(span)}
+            & set(range(lo, int(hi[b])))
+        )
+        n = int(ok[b].sum())
+        assert tokens[b, :n].tolist() == want and not ok[b, n:].any() and (tokens[b, n:] == 0).all()

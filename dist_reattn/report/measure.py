@@ -62,7 +62,9 @@ class TrialMeter:
         ranks = comm.all_gather_object(mine, "measure")
         return {
             "profile": gen.profile,
-            "decode_ms_per_token": round(1e3 * gen.decode_seconds / max(len(gen.tokens) - 1, 1), 3),
+            "decode_ms_per_token": round(gen.decode_ms_per_token, 3),
+            "decode_warmup_s": round(gen.decode_warmup_seconds, 3),
+            "decode_graph": gen.decode_graph,
             "kv_bytes_per_rank": mine["kv_bytes"],
             "peak_memory_bytes": mine["peak_memory_bytes"],
             "collectives": mine["collectives"],

@@ -1,0 +1,243 @@
+"""Decode speed: the CUDA-graph step against the plain step, the memory roofline and the HF model.
+
+    python launch/bench_decode.py --model smollm2-135m --len 128K,1M --out launch/results/bench_decode-H200-2026-12-01
+
+For every length the KV cache is filled with random pre-RoPE keys and values (what a token reads, and
+so the time, does not depend on their values; a prefill of 1M tokens would take a minute), then,
+from the same state:
+
+* ``graph``: greedy tokens by CUDA graph replay (:class:`~dist_reattn.decode.GreedyDecoder`); its
+  warm-up (eager steps with compilation, and the capture) is timed apart;
+* ``plain``: the engine's step-by-step path, first step (compilation) apart; its tokens must equal the
+  graph's;
+* ``hf``: the unmodified Hugging Face model's own decode, full attention through SDPA, its
+  ``DynamicCache`` filled with random keys and values of the same length (where it fits);
+* at the longest length, ``--same-tokens`` tokens by replay against the same static step run eagerly
+  (uncaptured): the tokens must be identical.
+
+Ceilings measured in the same run: the device-to-device copy rate (bytes read + written per second of
+a large ``copy_``), and the roofline of one token: the bytes it must read at least (every middle key
+of every layer for the scoring, the scope's keys and values, every weight once) over that rate.
+Writes ``OUT/results.jsonl`` (one line per length) and ``OUT/README.md`` (the table and the command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import inspect
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from dist_reattn.cli import check_out_dir, run_main
+from dist_reattn.config import (
+    ConfigError,
+    add_model_args,
+    config_for_model,
+    format_count,
+    parse_args_with_overrides,
+    parse_count,
+)
+from dist_reattn.decode import GreedyDecoder, graph_reason
+from dist_reattn.distributed import Comm
+from dist_reattn.engine import Engine
+from dist_reattn.models.adapter import ReAttnModel
+from dist_reattn.models.load import load_model
+from dist_reattn.report.results import append_record
+from dist_reattn.runtime import prepare
+
+
+def copy_rate(nbytes: int = 2 << 30, reps: int = 20) -> float:
+    """Device-to-device ``copy_`` of ``nbytes``: bytes read + written per second (the best of ``reps``)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        best = min(best, a.elapsed_time(b) / 1e3)
+    return 2 * nbytes / best
+
+
+def token_bytes(engine: Engine, n: int, weight_bytes: int) -> int:
+    """The least bytes one decode token at ``n`` cached tokens must read: the middle keys (scored),
+    the scope's keys and values, the weights."""
+    cfg, c = engine.scope, engine.cache
+    layers, _, hkv, d = c.k.shape
+    row = hkv * d * c.k.element_size()  # one token's K (or V) of one layer
+    middle = max(n - cfg.sink - cfg.local, 0) if cfg.mode == "reattention" and cfg.topk else 0
+    scope = cfg.max_scope() if cfg.mode == "reattention" else cfg.sink + cfg.local
+    return layers * row * (middle + 2 * scope) + weight_bytes
+
+
+def fill_cache(engine: Engine, n: int, seed: int) -> None:
+    """Random pre-RoPE K/V for tokens ``[0, n)`` of every layer; the engine then holds ``n`` tokens."""
+    gen = torch.Generator(device=engine.cache.k.device).manual_seed(seed)
+    for t in (engine.cache.k, engine.cache.v):
+        for layer in range(t.shape[0]):
+            t[layer, :n].normal_(generator=gen)
+    engine.reset()
+    engine.n = n
+
+
+def hf_decode(hf, n: int, tokens: int, first: int) -> float:
+    """ms/token of the unmodified model's greedy decode after a random ``DynamicCache`` of ``n`` tokens
+    (full attention, SDPA), the first step untimed."""
+    from transformers import DynamicCache
+
+    cfg = hf.config
+    hkv = cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    cache = DynamicCache()
+    for layer in range(cfg.num_hidden_layers):
+        k = torch.randn(1, hkv, n, d, dtype=hf.dtype, device=hf.device)
+        cache.update(k, torch.randn_like(k), layer)
+    ids = torch.tensor([[first]], device=hf.device)
+    # transformers >= 5.24 names the cache argument ``cache`` (``past_key_values`` is deprecated there)
+    name = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+    t0 = None
+    for i in range(tokens + 1):
+        if i == 1:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        pos = torch.tensor([[n + i]], device=hf.device)
+        out = hf(input_ids=ids, position_ids=pos, cache_position=pos[0], use_cache=True, **{name: cache})
+        ids = out.logits[:, -1].argmax(-1, keepdim=True)
+    torch.cuda.synchronize()
+    return 1e3 * (time.perf_counter() - t0) / tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--len", default="128K,1M", help="comma list of cached tokens (K = 1024, M = 1024 K)")
+    p.add_argument("--tokens", type=int, default=64, help="timed tokens per path and length")
+    p.add_argument(
+        "--same-tokens",
+        type=int,
+        default=1024,
+        help="tokens compared replayed vs eager at the longest length",
+    )
+    p.add_argument("--no-plain", action="store_true", help="skip the plain step (slow at long lengths)")
+    p.add_argument("--no-hf", action="store_true", help="skip the unmodified HF model")
+    p.add_argument("--out", required=True, help="output directory")
+    args = parse_args_with_overrides(p, argv)
+    if not torch.cuda.is_available():
+        raise ConfigError("bench_decode.py needs a CUDA GPU and none is visible: run it on a GPU machine")
+    if args.tokens < 2 or args.same_tokens < 0:
+        raise ConfigError("--tokens must be >= 2 and --same-tokens >= 0")
+    lengths = [parse_count(x) for x in args.len.split(",")]
+    cfg = config_for_model(args.model, args.config, args.overrides)
+    if cfg.scope.mode == "full":
+        raise ConfigError("--scope.mode=full has no bounded scope to capture: use reattention or streaming")
+    out = check_out_dir(args.out)
+    room = max(args.tokens, args.same_tokens) + 4
+    capacity = max(lengths) + room
+    prep = prepare(cfg, capacity, Comm.single())
+    out.mkdir(parents=True, exist_ok=True)
+    hf = load_model(prep.source, prep.dtype, prep.device)
+    weight_bytes = sum(t.numel() * t.element_size() for t in hf.parameters())
+    plain_hf = None if args.no_hf else copy.deepcopy(hf)  # before the adapter changes hf in place
+    if plain_hf is not None:
+        plain_hf.set_attn_implementation("sdpa")
+    engine = Engine(ReAttnModel(hf), cfg.scope, capacity)
+    gpu = torch.cuda.get_device_name()
+    rate = copy_rate()
+    print(f"{gpu}, torch {torch.__version__}, {prep.dtype}; copy ceiling {rate / 1e9:,.0f} GB/s")
+    rows = []
+    for n in lengths:
+        row: dict = {"len": n}
+        fill_cache(engine, n, seed=n)
+        reason = graph_reason(engine)
+        if reason:
+            raise ConfigError(f"--len {format_count(n)}: no CUDA graph decode here ({reason})")
+        first = 7  # any token id: the state is random anyway
+        g = GreedyDecoder(engine).run(first, args.tokens + 3, eos=set())  # 2 warm-up steps, then replays
+        row.update(graph_ms=g.ms_per_token, graph_warmup_s=g.warmup_seconds, captured=g.graph)
+        if not args.no_plain:
+            engine.graph, engine.n = False, n
+            pl = engine.decode(first, args.tokens + 2)  # 1 warm-up step, then the timed ones
+            engine.graph = True
+            row.update(plain_ms=pl.ms_per_token, plain_warmup_s=pl.warmup_seconds)
+            m = min(len(pl.tokens), len(g.tokens))  # (the plain path stops at an EOS)
+            row["plain_same_tokens"] = pl.tokens[:m] == g.tokens[:m]
+        if not args.no_hf:
+            try:
+                torch.cuda.empty_cache()
+                row["hf_ms"] = hf_decode(plain_hf, n, args.tokens, first)
+            except torch.OutOfMemoryError:
+                row["hf_ms"] = None
+                row["hf_note"] = "out of memory"
+            torch.cuda.empty_cache()
+        b = token_bytes(engine, n, weight_bytes)
+        row.update(
+            bytes_per_token=b,
+            roofline_ms=1e3 * b / rate,
+            graph_gb_s=b / (row["graph_ms"] / 1e3) / 1e9,
+        )
+        if n == max(lengths) and args.same_tokens:
+            engine.n = n
+            rep = GreedyDecoder(engine).run(first, args.same_tokens, eos=set())
+            engine.n = n
+            eager = GreedyDecoder(engine, capture=False).run(first, args.same_tokens, eos=set())
+            row.update(
+                same_tokens=args.same_tokens,
+                replay_equals_eager=rep.tokens == eager.tokens,
+                eager_ms=eager.ms_per_token,
+            )
+        rows.append(row)
+        append_record(
+            out / "results.jsonl", {**row, "gpu": gpu, "dtype": str(prep.dtype), "scope": vars(cfg.scope)}
+        )
+        print(json.dumps(row))
+    lines = [
+        f"# Decode: CUDA-graph step, plain step, HF model; {gpu}, {datetime.date.today()}",
+        "",
+        "```",
+        "python launch/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "```",
+        "",
+        f"torch {torch.__version__}, Python {platform.python_version()}, {prep.dtype}, model {cfg.model.path}; "
+        f"scope {vars(cfg.scope)}. Cache filled with random K/V; {args.tokens} timed tokens per path, "
+        "warm-up (compilation, capture) apart.",
+        f"Copy ceiling (this run): {rate / 1e9:,.0f} GB/s read + written. Roofline: the bytes a token "
+        "must read (middle keys of every layer, the scope's K/V, the weights) at that rate.",
+        "",
+        "| cached tokens | graph ms/token | plain ms/token | HF full attention ms/token | GB/token | "
+        "roofline ms | graph GB/s | graph / roofline | graph warm-up s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    for r in rows:
+        lines.append(
+            f"| {r['len']:,} | {r['graph_ms']:.2f} | {fmt(r.get('plain_ms'))} | "
+            f"{fmt(r.get('hf_ms')) if 'hf_note' not in r else r['hf_note']} | {r['bytes_per_token'] / 1e9:.2f} | "
+            f"{r['roofline_ms']:.2f} | {r['graph_gb_s']:,.0f} | {r['graph_ms'] / r['roofline_ms']:.2f} | "
+            f"{r['graph_warmup_s']:.1f} |"
+        )
+    lines.append("")
+    for r in rows:
+        if "plain_same_tokens" in r:
+            lines.append(f"* {r['len']:,}: plain step's tokens equal the graph's: {r['plain_same_tokens']}")
+        if "same_tokens" in r:
+            lines.append(
+                f"* {r['len']:,}: {r['same_tokens']} tokens replayed equal the same step run eagerly "
+                f"({r['eager_ms']:.1f} ms/token): {r['replay_equals_eager']}"
+            )
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    sys.exit(run_main(main))

@@ -1,0 +1,104 @@
+"""The static decode step (what a CUDA graph replays) against the plain step, on CPU and on a GPU.
+
+On CPU the static step runs eagerly (``GreedyDecoder(capture=False)``); where a GPU is present the
+same comparison runs with the graph captured and replayed.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny_models import ARCHS, tiny_model
+
+from dist_reattn.config import ScopeConfig
+from dist_reattn.decode import GreedyDecoder, StaticStep, graph_reason
+from dist_reattn.engine import Engine
+from dist_reattn.models.adapter import ReAttnModel
+
+N = 150
+SCOPE = dict(sink=4, local=32, chunk=32, topk=2, span=4, recall_clip=8)
+# Random tokens below the EOS id (127) of the tiny models: generation runs its whole length.
+IDS = torch.randint(0, 120, (N,), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def model(request):
+    return ReAttnModel(tiny_model(request.param, layers=2))
+
+
+def engines(model, mode, capacity=N + 64):
+    cfg = ScopeConfig(mode=mode, **SCOPE)
+    return Engine(model, copy.copy(cfg), capacity, graph=False), Engine(
+        model, copy.copy(cfg), capacity, graph=False
+    )
+
+
+@pytest.mark.parametrize("mode", ["reattention", "streaming"])
+def test_static_step_logits_equal_the_plain_step(model, mode):
+    # Step by step, same tokens fed to both: every decode step's logits (fp32) agree to rounding.
+    plain, static = engines(model, mode)
+    with torch.no_grad():
+        a, b = plain.prefill(IDS), static.prefill(IDS)
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        pos = torch.tensor([static.n])
+        step = StaticStep(static, pos)
+        for t in range(12):
+            token = int(a.argmax())
+            a = plain.step(torch.tensor([token]))
+            b = model.forward(torch.tensor([token]), step)
+            pos += 1
+            # the same ops on the same values: equal up to the order of fp32 sums in SDPA
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0, msg=f"step {t}")
+    assert int(pos) == plain.n
+
+
+@pytest.mark.parametrize("mode", ["reattention", "streaming"])
+def test_greedy_decoder_tokens_equal_the_plain_path(model, mode):
+    plain, static = engines(model, mode)
+    want = plain.generate(IDS, 40)
+    assert len(want.tokens) == 40 and want.decode_tokens == 38  # the first decode step is warm-up
+    logits = static.prefill(IDS)
+    d = GreedyDecoder(static, capture=False, check_every=5).run(int(logits.argmax()), 40, eos=set())
+    assert d.tokens == want.tokens and not d.graph
+    assert (d.warmup_steps, d.steps) == (0, 39) and d.seconds > 0
+    assert static.n == N + 39
+
+
+def test_greedy_decoder_stops_at_eos(model):
+    # EOS is whatever the plain path generates 9th: the decoder stops there, though it read the
+    # tokens back only every 4 steps (its extra steps are not returned).
+    plain, static = engines(model, "reattention")
+    want = plain.generate(IDS, 30).tokens
+    eos = want[8]
+    cut = want[: want.index(eos) + 1]
+    logits = static.prefill(IDS)
+    d = GreedyDecoder(static, capture=False, check_every=4).run(int(logits.argmax()), 30, eos={eos})
+    # steps run in batches of 4 between reads: the batch that made the EOS is the last one run
+    assert d.tokens == cut and d.steps == -(-(len(cut) - 1) // 4) * 4
+
+
+def test_greedy_decoder_refuses_past_capacity(model):
+    _, static = engines(model, "reattention", capacity=N + 10)
+    logits = static.prefill(IDS)
+    with pytest.raises(RuntimeError, match="exceeds the engine's capacity"):
+        GreedyDecoder(static, capture=False).run(int(logits.argmax()), 20, eos=set())
+
+
+def test_graph_reason_names_what_keeps_the_plain_step(model):
+    eng, _ = engines(model, "reattention")
+    assert graph_reason(eng) == "not a CUDA device"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("mode", ["reattention", "streaming"])
+def test_cuda_graph_tokens_equal_the_plain_path(arch, mode):
+    # The captured graph against the plain step on the GPU, fp32 weights, 60 tokens: same tokens.
+    m = ReAttnModel(tiny_model(arch, layers=2).cuda())
+    cfg = ScopeConfig(mode=mode, **SCOPE)
+    plain = Engine(m, copy.copy(cfg), N + 80, graph=False).generate(IDS, 60)
+    graphed = Engine(m, copy.copy(cfg), N + 80, graph=True).generate(IDS, 60)
+    assert graphed.decode_graph and graphed.tokens == plain.tokens
+    assert graphed.decode_tokens == 60 - 1 - 2  # two eager warm-up steps, then replays
