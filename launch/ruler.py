@@ -40,7 +40,7 @@ from dist_reattn.report.measure import TrialMeter, profile_line
 from dist_reattn.report.results import append_record, read_records
 from dist_reattn.report.ruler_report import plot_scores, summary_table
 from dist_reattn.runtime import build_engine, plan_resume, prepare, run_fields
-from dist_reattn.tasks.ruler import NIAH_TASKS, TASKS, build_sample, min_length, score
+from dist_reattn.tasks.ruler import TASKS, build_sample, min_length, parse_tasks, score
 
 log = logging.getLogger("ruler")
 
@@ -67,21 +67,6 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--max-new-tokens", type=int, default=None, help="instead of each task's RULER default")
     p.add_argument("--out", default=None, help="output directory (default runs/ruler-<time>)")
     return parse_args_with_overrides(p, argv)
-
-
-def parse_tasks(raw: str) -> list[str]:
-    """Task names from --tasks: RULER names, "niah" (the NIAH family) and "all", each once."""
-    names: list[str] = []
-    for item in (x.strip() for x in raw.split(",")):
-        group = {"niah": list(NIAH_TASKS), "all": list(TASKS)}.get(item, [item])
-        for name in group:
-            if name not in TASKS:
-                raise ConfigError(
-                    f"--tasks {item!r} is not a RULER task: give niah, all, or {', '.join(TASKS)}"
-                )
-            if name not in names:
-                names.append(name)
-    return names
 
 
 def validate(args):

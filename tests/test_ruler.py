@@ -220,3 +220,22 @@ def test_short_run_writes_resumes_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert launch.main([*args, "--samples", "1"]) == 0  # all recorded: nothing re-run
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_batch_tasks_carry_answers_and_score(tokenizer, tmp_path):
+    from dist_reattn.report.ruler_report import _from_batch
+    from dist_reattn.tasks.batch import write_ruler_tasks
+
+    path = write_ruler_tasks(tokenizer, tmp_path, 2048, ["niah_multivalue", "vt"], 1, seed=2)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["niah_multivalue-0", "vt-0"] and lines[1]["max_new_tokens"] == 30
+    for x in lines:
+        context = (tmp_path / x["context_file"]).read_text()
+        assert all(a in context for a in x["meta"]["answers"])
+    record = {
+        "id": "vt-0",
+        "answer": " ".join(lines[1]["meta"]["answers"][:4]),
+        "mode": "full",
+        "meta": lines[1]["meta"],
+    }
+    assert _from_batch(record) == {"task": "vt", "len": 2048, "mode": "full", "score": 0.8, "seconds": None}

@@ -7,6 +7,7 @@ length in full attention: a task the model cannot do even inside its window says
 method, and retention shows the rest.
 
     python -m dist_reattn.report.ruler_report OUT/results.jsonl --ceiling 4K
+    python -m dist_reattn.report.ruler_report answers.jsonl   # launch/batch.py answers to RULER tasks
 """
 
 from __future__ import annotations
@@ -159,6 +160,22 @@ def plot_scores(records: list[dict], path: str | os.PathLike, ceiling: int | Non
     plt.close(fig)
 
 
+def _from_batch(record: dict) -> dict | None:
+    """A launch/batch.py answer record of a RULER task (see make_batch_tasks --task ruler), scored."""
+    from ..tasks.ruler import score
+
+    meta = record.get("meta") or {}
+    if not isinstance(meta, dict) or "answers" not in meta or "answer" not in record:
+        return None
+    return {
+        "task": meta["task"],
+        "len": meta["target_len"],
+        "mode": record.get("mode", "?"),
+        "score": score(record["answer"], meta["answers"], meta["metric"]),
+        "seconds": record.get("seconds"),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     from ..config import parse_count
 
@@ -167,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ceiling", default="4K", help="in-window length run in full attention, or 'none'")
     p.add_argument("--plot", default=None, help="also write the line plot here (PNG)")
     args = p.parse_args(argv)
-    records = [r for r in read_records(args.results) if "task" in r and "score" in r]
+    records = [_from_batch(r) if "meta" in r else r for r in read_records(args.results)]
+    records = [r for r in records if r and "task" in r and "score" in r]
     ceiling = None if args.ceiling == "none" else parse_count(args.ceiling)
     print(summary_table(records, ceiling))
     if args.plot and records:

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 
+from ..config import ConfigError
 from .niah import NOISE_TEXT, PROSE_FILE
 
 TOLERANCE = 0.01  # prompt + tokens to generate within this fraction of the target, never above it
@@ -462,6 +463,21 @@ def check_task(name: str) -> TaskSpec:
     if name not in TASKS:
         raise ValueError(f"unknown RULER task {name!r}; expected one of {', '.join(TASKS)}")
     return TASKS[name]
+
+
+def parse_tasks(raw: str) -> list[str]:
+    """Task names from a --tasks flag: RULER names, "niah" (the NIAH family) and "all", each once."""
+    names: list[str] = []
+    for item in (x.strip() for x in raw.split(",")):
+        group = {"niah": list(NIAH_TASKS), "all": list(TASKS)}.get(item, [item])
+        for name in group:
+            if name not in TASKS:
+                raise ConfigError(
+                    f"--tasks {item!r} is not a RULER task: give niah, all, or {', '.join(TASKS)}"
+                )
+            if name not in names:
+                names.append(name)
+    return names
 
 
 def min_length(tokenizer, task: str, length: int = 4096) -> int:
