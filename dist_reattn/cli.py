@@ -136,3 +136,18 @@ def check_out_file(raw: str, flag: str = "--out") -> Path:
         return path
     _check_parent(path, flag, raw)
     return path
+
+
+def parse_modes(raw: str, flag: str = "--mode") -> list[str]:
+    """A comma list of scope modes, each known and given once; raises ConfigError naming the fix."""
+    from .config import MODES
+
+    modes = [m.strip() for m in raw.split(",")]
+    for m in modes:
+        if m not in MODES:
+            raise ConfigError(f"{flag} {m!r} is not one of {', '.join(MODES)}")
+    twice = sorted({m for m in modes if modes.count(m) > 1})
+    if twice:
+        # Refused, not de-duplicated: a repeated mode is most often a typo for another one.
+        raise ConfigError(f"{flag} {raw!r} names {', '.join(twice)} twice: give each mode once")
+    return modes

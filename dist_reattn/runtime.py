@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -13,6 +16,7 @@ from .engine import Engine
 from .models.load import ModelSource, load_model, load_spec, resolve
 from .models.spec import ModelSpec
 from .plan import MemoryPlan, check_memory, plan_for_scope
+from .report.results import read_records
 
 log = logging.getLogger(__name__)
 
@@ -73,3 +77,55 @@ def build_engine(cfg: Config, prep: Prepared, capacity: int, comm: Comm):
         decode=cfg.parallel.decode,
         graph=cfg.generate.graph,
     )
+
+
+SCOPE_RECORD_FIELDS = ("sink", "local", "topk", "span", "recall_clip", "chunk")
+
+
+def run_fields(cfg: Config, prep: Prepared, engine, comm: Comm, gen, seconds: float) -> dict:
+    """The fields every launch script records per generated sequence: timings, scope, model, placement."""
+    return {
+        "seconds": round(seconds, 3),
+        "prefill_seconds": round(gen.prefill_seconds, 3),
+        "decode_seconds": round(gen.decode_seconds, 3),
+        "prefill_tok_s": round(gen.prefill_tok_s, 1),
+        **{f: getattr(cfg.scope, f) for f in SCOPE_RECORD_FIELDS},
+        "model": cfg.model.path,
+        "device": str(prep.device),
+        "dtype": str(prep.dtype).replace("torch.", ""),
+        "world": comm.world,
+        "tensor_parallel": engine.model.tensor_parallel,
+        "layout": cfg.parallel.layout if comm.world > 1 else "single",
+        "decode": cfg.parallel.decode,
+        "memory_plan": dataclasses.asdict(prep.plan),
+    }
+
+
+def plan_resume(
+    comm: Comm, out: str, wanted: list, key: Callable[[dict], tuple], item_key
+) -> tuple[Path, list]:
+    """What is left to run, decided by rank 0 (it alone reads the results file) and shared with all.
+
+    Args:
+        comm: the process group.
+        out: the output folder (created on rank 0); its ``results.jsonl`` is read.
+        wanted: every item of the run, in order.
+        key: a recorded line's key.
+        item_key: an item's key, comparable with ``key``'s.
+
+    Returns:
+        (output folder, the items of ``wanted`` with no record yet), the same on every rank.
+    """
+    plan = None
+    if comm.rank == 0:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        done = {key(r) for r in read_records(folder / "results.jsonl")}
+        todo = [w for w in wanted if item_key(w) not in done]
+        if len(todo) < len(wanted):
+            log.info(
+                f"resuming {folder / 'results.jsonl'}: {len(wanted) - len(todo)} trials already recorded"
+            )
+        plan = (str(folder), todo)
+    folder, todo = comm.broadcast_object(plan)
+    return Path(folder), todo

@@ -2,9 +2,13 @@
 
     python launch/make_batch_tasks.py --len 16K --n 5 --dir runs/batch16k
     python launch/batch.py --in runs/batch16k/tasks.jsonl --out runs/batch16k/answers.jsonl
+    python launch/make_batch_tasks.py --task ruler --tasks niah,vt --len 16K --n 3 --dir runs/ruler16k
+    python -m dist_reattn.report.ruler_report runs/ruler16k/answers.jsonl   # after batch.py: RULER scores
 
 Each task's context is the NIAH instruction and a haystack of about ``--len`` tokens with one needle
 (depths spread over [0.1, 0.9]); ``meta.needle`` in each task (copied to its answer) is the answer.
+With ``--task ruler``, ``--n`` RULER samples per task of ``--tasks`` (see launch/ruler.py), each with
+its answers, metric and RULER's tokens to generate; ``dist_reattn.report.ruler_report`` scores them.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dist_reattn.cli import check_out_dir, run_main
 from dist_reattn.config import ConfigError, parse_count
 from dist_reattn.models.load import load_tokenizer, resolve
 from dist_reattn.plan import available_bytes, gib
-from dist_reattn.tasks.batch import write_niah_tasks
+from dist_reattn.tasks.batch import write_niah_tasks, write_ruler_tasks
 from dist_reattn.tasks.niah import HAYSTACKS, min_length
 
 # Measured (SmolLM2 tokenizer, noise haystack, 4M and 32M tokens): building one task peaks at
@@ -56,6 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--haystack", default="noise", choices=HAYSTACKS)
     p.add_argument("--dir", required=True, help="folder for tasks.jsonl and the context files")
+    p.add_argument(
+        "--task", default="niah", choices=("niah", "ruler"), help="NIAH haystacks or RULER samples"
+    )
+    p.add_argument("--tasks", default="niah,vt", help="with --task ruler: RULER task names, niah or all")
     args = p.parse_args(argv)
     length = parse_count(args.len)
     if args.n < 1:
@@ -63,6 +71,18 @@ def main(argv: list[str] | None = None) -> int:
     folder = check_out_dir(args.dir, "--dir")
     check_size(length, args.n, folder)
     tokenizer = load_tokenizer(resolve(args.model))
+    if args.task == "ruler":
+        from dist_reattn.tasks.ruler import min_length as ruler_min_length
+        from dist_reattn.tasks.ruler import parse_tasks
+
+        tasks = parse_tasks(args.tasks)
+        for task in tasks:
+            if length < ruler_min_length(tokenizer, task, length):
+                raise ConfigError(
+                    f"--len {length} is too short for RULER {task}: use >= {ruler_min_length(tokenizer, task, length)}"
+                )
+        print(write_ruler_tasks(tokenizer, folder, length, tasks, args.n, args.seed))
+        return 0
     shortest = min_length(tokenizer, args.haystack)
     if length < shortest:
         raise ConfigError(f"--len {length} is too short to hold the needle and question: use >= {shortest}")

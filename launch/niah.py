@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dist_reattn.cli import check_out_dir, report, run_main
+from dist_reattn.cli import check_out_dir, parse_modes, report, run_main
 from dist_reattn.config import (
     MODES,
     ConfigError,
@@ -38,7 +38,7 @@ from dist_reattn.models.load import load_tokenizer, resolve
 from dist_reattn.report.measure import TrialMeter, profile_line
 from dist_reattn.report.niah_plots import plot_heatmap, summary_table
 from dist_reattn.report.results import append_record, read_records
-from dist_reattn.runtime import build_engine, prepare
+from dist_reattn.runtime import build_engine, plan_resume, prepare, run_fields
 from dist_reattn.tasks.niah import HAYSTACKS, build_sample, is_correct, min_length
 
 log = logging.getLogger("niah")
@@ -73,14 +73,7 @@ def validate(args):
         raise ConfigError(f"--depths {args.depths!r}: give fractions in [0, 1], e.g. 0.1,0.5,0.9") from e
     if any(not 0.0 <= d <= 1.0 for d in depths):
         raise ConfigError(f"--depths {args.depths!r}: every depth must be in [0, 1]")
-    modes = [m.strip() for m in args.mode.split(",")]
-    for m in modes:
-        if m not in MODES:
-            raise ConfigError(f"--mode {m!r} is not one of {', '.join(MODES)}")
-    twice = sorted({m for m in modes if modes.count(m) > 1})
-    if twice:
-        # Refused, not de-duplicated: a repeated mode is most often a typo for another one.
-        raise ConfigError(f"--mode {args.mode!r} names {', '.join(twice)} twice: give each mode once")
+    modes = parse_modes(args.mode)
     if args.trials < 1 or args.max_new_tokens < 1:
         raise ConfigError("--trials and --max-new-tokens must be >= 1")
     cfg = config_for_model(args.model, args.config, args.overrides)
@@ -147,28 +140,14 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
     )
     log.info(f"memory plan for {capacity} tokens on {comm.world} rank(s): {prep.plan.describe()}")
 
-    # Rank 0 decides what is left to run (it alone reads and writes the results file).
-    plan = None
-    if comm.rank == 0:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        done = {trial_key(r) for r in read_records(out / "results.jsonl")}
-        cells = [(n, d, t) for n in lengths for d in depths for t in range(args.trials)]
-        todo = [
-            (n, d, t, m) for n, d, t in cells for m in modes if (m, n, round(d, 6), t, args.seed) not in done
-        ]
-        if len(todo) < len(cells) * len(modes):
-            log.info(
-                f"resuming {out / 'results.jsonl'}: {len(cells) * len(modes) - len(todo)} trials already recorded"
-            )
-        plan = (str(out), todo)
-    out, todo = comm.broadcast_object(plan)
-    out = Path(out)
+    wanted = [(n, d, t, m) for n in lengths for d in depths for t in range(args.trials) for m in modes]
+    out, todo = plan_resume(
+        comm, args.out, wanted, trial_key, lambda w: (w[3], w[0], round(w[1], 6), w[2], args.seed)
+    )
     results = out / "results.jsonl"
 
     engine = build_engine(cfg, prep, capacity, comm)
     meter = TrialMeter(engine)
-    scope_fields = ("sink", "local", "topk", "span", "recall_clip", "chunk")
     bar = tqdm(
         total=sum(n for n, *_ in todo), unit="tok", unit_scale=True, disable=comm.rank != 0, smoothing=0.1
     )
@@ -197,20 +176,8 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
             "needle": sample.needle,
             "correct": is_correct(answer, sample),
             "answer": answer,
-            "seconds": round(seconds, 3),
-            "prefill_seconds": round(gen.prefill_seconds, 3),
-            "decode_seconds": round(gen.decode_seconds, 3),
-            "prefill_tok_s": round(gen.prefill_tok_s, 1),
-            **{f: getattr(cfg.scope, f) for f in scope_fields},
-            "model": cfg.model.path,
             "haystack": args.haystack,
-            "device": str(prep.device),
-            "dtype": str(prep.dtype).replace("torch.", ""),
-            "world": comm.world,
-            "tensor_parallel": engine.model.tensor_parallel,
-            "layout": cfg.parallel.layout if comm.world > 1 else "single",
-            "decode": cfg.parallel.decode,
-            "memory_plan": dataclasses.asdict(prep.plan),
+            **run_fields(cfg, prep, engine, comm, gen, seconds),
             **measured,
         }
         if comm.rank == 0:

