@@ -25,6 +25,7 @@ import torch
 
 from .attention import partial_attention
 from .config import ScopeConfig
+from .exchange import Part
 from .select import local_topk, retrieves, scope_of, select_from_candidates
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def graph_reason(engine) -> str | None:
         return "several ranks (the plain step merges partial attention across them)"
     if cfg.mode == "full":
         return "full mode attends over every token (a scope that grows each step)"
+    if engine.sliding is not None and engine.n < engine.sliding.window - 1:
+        return f"the cache holds {engine.n} tokens, fewer than a sliding window"
     if engine.n + 1 <= cfg.sink + cfg.local:
         return f"the cache holds {engine.n} tokens, inside sink + local = {cfg.sink + cfg.local}"
     return None
@@ -114,6 +117,7 @@ class StaticStep:
         cfg = engine.scope
         self.m = cfg.sink + (cfg.recall_clip * cfg.span if retrieves(cfg) else 0) + cfg.local
         engine.rope_table(self.m)  # grown before any capture: the table is read, never reallocated
+        self.part = Part.of_step(1, cfg.chunk, 0, 1, split=False)  # one rank runs the one token
         if compile is None:
             compile = pos.is_cuda
         self.tail = torch.compile(select_attend, fullgraph=True, dynamic=False) if compile else select_attend
@@ -129,6 +133,11 @@ class StaticStep:
         """
         e, cfg = self.engine, self.engine.scope
         scaling = scaling or q.shape[-1] ** -0.5
+        if e.sliding is not None and layer in e.sliding.layers:
+            # Its own window, fixed shapes already; past the first W - 1 tokens every kept row is a
+            # real token, whatever n0 says beyond that (graph_reason checks).
+            return e.sliding.attend_step(e.comm, self.part, e.sliding.window, layer, q, k, v, scaling)
+        layer = e.cache_slot[layer]  # the layer's index in the cache
         cache_k, cache_v = e.cache.k[layer], e.cache.v[layer]  # [N, Hkv, d]
         cache_k.index_copy_(0, self.pos, k.transpose(0, 1))
         cache_v.index_copy_(0, self.pos, v.transpose(0, 1))

@@ -23,7 +23,11 @@ SCOPE = dict(sink=4, local=32, chunk=32, topk=2, span=4, recall_clip=8)
 IDS = torch.randint(0, 120, (N,), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture(scope="module", params=ARCHS)
+# Gemma3: sliding-window layers (their own window) among the global ones.
+DECODE_ARCHS = (*ARCHS, "gemma3_text")
+
+
+@pytest.fixture(scope="module", params=DECODE_ARCHS)
 def model(request):
     return ReAttnModel(tiny_model(request.param, layers=2))
 
@@ -58,12 +62,12 @@ def test_static_step_logits_equal_the_plain_step(model, mode):
 def test_greedy_decoder_tokens_equal_the_plain_path(model, mode):
     plain, static = engines(model, mode)
     want = plain.generate(IDS, 40)
-    assert len(want.tokens) == 40 and want.decode_tokens == 38  # the first decode step is warm-up
+    assert want.decode_tokens == len(want.tokens) - 2  # the first decode step is warm-up
     logits = static.prefill(IDS)
-    d = GreedyDecoder(static, capture=False, check_every=5).run(int(logits.argmax()), 40, eos=set())
-    assert d.tokens == want.tokens and not d.graph
-    assert (d.warmup_steps, d.steps) == (0, 39) and d.seconds > 0
-    assert static.n == N + 39
+    d = GreedyDecoder(static, capture=False, check_every=5).run(int(logits.argmax()), 40, model.eos_ids)
+    assert d.tokens == want.tokens and not d.graph and d.warmup_steps == 0
+    assert len(d.tokens) - 1 <= d.steps <= 39  # reads every 5 steps: a few may run past an EOS
+    assert static.n == N + d.steps
 
 
 def test_greedy_decoder_stops_at_eos(model):
@@ -92,7 +96,7 @@ def test_graph_reason_names_what_keeps_the_plain_step(model):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", DECODE_ARCHS)
 @pytest.mark.parametrize("mode", ["reattention", "streaming"])
 def test_cuda_graph_tokens_equal_the_plain_path(arch, mode):
     # The captured graph against the plain step on the GPU, fp32 weights, 60 tokens: same tokens.
