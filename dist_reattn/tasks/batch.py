@@ -47,7 +47,7 @@ from ..models.load import load_spec, load_tokenizer, resolve
 from ..models.spec import ModelSpec
 from ..plan import MemoryPlan, plan_for_scope
 from ..report.results import append_record, read_records
-from ..runtime import Prepared, build_engine, pick_device, pick_dtype, prepare
+from ..runtime import Prepared, build_engine, pick_device, pick_dtype, prepare, sequence_fields
 
 log = logging.getLogger(__name__)
 
@@ -337,15 +337,7 @@ def answer_record(
         "answer": answer,
         "prompt_tokens": gen.prompt_tokens,
         "new_tokens": len(gen.tokens),
-        "seconds": round(seconds, 3),
-        "prefill_seconds": round(gen.prefill_seconds, 3),
-        "decode_seconds": round(gen.decode_seconds, 3),
-        "prefill_tok_s": round(gen.prefill_tok_s, 1),
-        **{f: getattr(task.scope, f) for f in SCOPE_FIELDS},
-        "model": cfg.model.path,
-        "device": str(prep.device),
-        "dtype": str(prep.dtype).replace("torch.", ""),
-        "world": world,
+        **sequence_fields(gen, seconds, task.scope, SCOPE_FIELDS, cfg, prep, world),
     }
     if task.meta is not None:
         record["meta"] = task.meta
