@@ -65,7 +65,7 @@ class KVCache:
 
     def owner_of(self, g: torch.Tensor) -> torch.Tensor:
         """The rank that stores global index ``g``."""
-        return (g // self.page) % self.world
+        return owner_of(g, self.page, self.world)
 
     def owned_mask(self, g: torch.Tensor) -> torch.Tensor:
         """True where global index ``g`` lives on this rank."""
@@ -73,9 +73,24 @@ class KVCache:
 
     def to_local(self, g: torch.Tensor) -> torch.Tensor:
         """Local rows of global indices owned by this rank."""
-        if self.world == 1:
-            return g
-        return (g // self.page // self.world) * self.page + g % self.page
+        return to_local(g, self.page, self.world)
+
+    def local_count_at(self, g: torch.Tensor) -> torch.Tensor:
+        """:meth:`local_count` of a tensor of global indices ``g >= 0``, computed on their device."""
+        full, tail = g // self.page, g % self.page
+        owned = (full - self.rank + self.world - 1) // self.world
+        return owned * self.page + torch.where(full % self.world == self.rank, tail, 0)
+
+    def append_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Stores token ``pos`` (``[1]``, a device index: nothing read on the host) if this rank owns it.
+
+        Args:
+            k, v: ``[1, Hkv, d]``.
+        """
+        row = self.to_local(pos).clamp(max=self.local_capacity - 1)  # another rank's token: any row
+        mine = self.owned_mask(pos)[:, None, None]
+        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+            cache.index_copy_(0, row, torch.where(mine, new, cache[row]))  # unchanged unless mine
 
     def append(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Stores the tokens ``[pos, pos + c)`` that this rank owns.
@@ -96,6 +111,18 @@ class KVCache:
         rel = self.to_global(torch.arange(lo, hi, device=k.device)) - pos  # rows of the chunk
         self.k[layer, lo:hi] = k[rel]
         self.v[layer, lo:hi] = v[rel]
+
+
+def owner_of(g: torch.Tensor, page: int, world: int) -> torch.Tensor:
+    """The rank that stores global index ``g`` (pages of ``page`` tokens striped over ``world`` ranks)."""
+    return (g // page) % world
+
+
+def to_local(g: torch.Tensor, page: int, world: int) -> torch.Tensor:
+    """The local row of global index ``g`` on its owner."""
+    if world == 1:
+        return g
+    return (g // page // world) * page + g % page
 
 
 def local_capacity(capacity: int, world: int, page: int, rank: int) -> int:
@@ -152,6 +179,14 @@ class Window:
         if pos < self.sink:
             m = min(self.sink, pos + c) - pos
             self.sink_k[layer, pos : pos + m], self.sink_v[layer, pos : pos + m] = k[:m], v[:m]
+
+    def append_at(self, layer: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keeps token ``pos`` (``[1]``, a device index past the sink) of one layer (``k, v [1, Hkv, d]``);
+        the caller advances ``n``."""
+        if self.ring_k is not None:
+            row = pos % self.size
+            self.ring_k[layer].index_copy_(0, row, k)
+            self.ring_v[layer].index_copy_(0, row, v)
 
     def read(self, layer: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V ``[..., Hkv, d]`` of global ``tokens [...]``, each in ``[lo, n)``."""

@@ -12,7 +12,10 @@ back every ``check_every`` tokens to stop at EOS.
 
 Where graphs do not apply (CPU, several ranks, ``full`` mode, a cache still inside
 ``sink + local``), the engine keeps its plain step; ``GreedyDecoder(capture=False)`` runs the static
-step eagerly, which is what the tests compare with the plain step on CPU.
+step eagerly, which is what the tests compare with the plain step on CPU. With several ranks the
+static step exchanges the candidates and merges per-owner partial attention by log-sum-exp, as the
+plain step does (tested on gloo ranks); capturing those NCCL exchanges in the graph waits for a
+measurement on several GPUs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .attention import partial_attention
+from . import exchange
+from .attention import merge_partials, partial_attention
+from .cache import owner_of, to_local
 from .config import ScopeConfig
 from .exchange import Part
 from .select import local_topk, retrieves, scope_of, select_from_candidates
@@ -40,8 +45,10 @@ def graph_reason(engine) -> str | None:
     cfg = engine.scope
     if engine.model.device.type != "cuda":
         return "not a CUDA device"
-    if engine.comm.world > 1:
-        return "several ranks (the plain step merges partial attention across them)"
+    if engine.comm.world > 1:  # StaticStep runs there (tested on gloo); its capture is not measured yet
+        return "several ranks (the graph would hold the NCCL exchanges; not measured on GPUs yet)"
+    if engine.model.tensor_parallel:
+        return "tensor parallelism"
     if cfg.mode == "full":
         return "full mode attends over every token (a scope that grows each step)"
     if engine.sliding is not None and engine.n < engine.sliding.window - 1:
@@ -61,63 +68,72 @@ def select_attend(
     sin: torch.Tensor,
     scaling: float,
     cfg: ScopeConfig,
-) -> torch.Tensor:
-    """One decode token's scope and its attention over it: fixed shapes, nothing read on the host.
+    owner: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode token's scope, and its attention over the scope tokens this rank holds: fixed
+    shapes, nothing read on the host.
 
     Args:
         q: ``[H, d]`` un-rotated query.
-        candidates: ``(scores, rows)`` ``[1, H, k]`` this token's exact top-k over the middle (one
-            rank: rows are token indices), or None for a mode that retrieves nothing.
+        candidates: ``(scores, index)`` ``[P, 1, 1, H, k]`` every rank's exact top-k of this token
+            over its middle keys (global indices), or None for a mode that retrieves nothing.
         n: ``[1]`` tokens in the cache, this one included.
-        cache_k, cache_v: ``[N, Hkv, d]`` one layer's cache.
+        cache_k, cache_v: ``[N_local, Hkv, d]`` this rank's cache of one layer.
         cos, sin: ``[>= M, d]`` rotary tables for scope positions.
+        owner: ``(rank, world, page)`` of the cache: each rank attends over the scope tokens it owns.
 
     Returns:
-        ``[1, H, d]`` in q's dtype.
+        ``(out [H, d], lse [H])`` fp32, :func:`~dist_reattn.attention.partial_attention`'s partials
+        (with one rank, ``out`` is the attention output).
     """
+    rank, world, page = owner
     if candidates is None:
         none = torch.zeros((1, 0), dtype=torch.long, device=q.device)
         scope = scope_of(n, cfg, none, none.bool())
-    else:  # [P = 1, B = 1, c = 1, H, k]
-        scope = select_from_candidates(candidates[0][None, None], candidates[1][None, None], n, cfg)
+    else:
+        scope = select_from_candidates(*candidates, n, cfg)
     tokens, positions = scope.tokens[0], scope.positions[0]  # [M]; padding holds token 0, masked
+    valid = scope.valid[0] & (owner_of(tokens, page, world) == rank)
+    rows = to_local(tokens, page, world).clamp(max=cache_k.shape[0] - 1)  # (another rank's: masked)
     p = positions[-1:]  # [1]: the query is the scope's last token
-    out, _ = partial_attention(
+    return partial_attention(
         q,
-        cache_k[tokens].transpose(0, 1),  # [Hkv, M, d]
-        cache_v[tokens].transpose(0, 1),
+        cache_k[rows].transpose(0, 1),  # [Hkv, M, d]
+        cache_v[rows].transpose(0, 1),
         cos[positions],
         sin[positions],
         cos[p],
         sin[p],
         scaling,
-        scope.valid[0],
+        valid,
     )
-    return out.to(q.dtype)[None]
 
 
 class StaticStep:
     """The step object of one decode token at device position ``pos`` (``[1]`` int64, the new token's
     index): the plain step's selection, every shape fixed, nothing read back on the host.
 
-    Attention is :func:`~dist_reattn.attention.partial_attention` over the whole scope (fp32, one
-    query needs no mask but the padding) rather than the plain step's SDPA: the tokens agree with the
-    plain step's up to rounding, and exactly with this step run uncaptured. On a GPU the selection
-    and attention (:func:`select_attend`, some hundred small ops per layer) run through
-    ``torch.compile``, which fuses them into a few kernels; compilation happens on the first step.
+    Attention is :func:`~dist_reattn.attention.partial_attention` over the scope tokens each rank
+    owns (fp32 softmax, the padding masked), merged across ranks by log-sum-exp as the plain step's
+    ``lse`` decode does; the tokens agree with the plain step's up to rounding, and exactly with this
+    step run uncaptured. On a GPU the selection and attention (:func:`select_attend`, some hundred
+    small ops per layer) run through ``torch.compile``, which fuses them into a few kernels;
+    compilation happens on the first step.
 
     Args:
-        engine: the engine (one rank, a mode with a bounded scope, a cache past ``sink + local``).
+        engine: the engine (a mode with a bounded scope, a cache past ``sink + local``, not
+            tensor-parallel).
         pos: ``[1]`` int64 on the engine's device; the caller advances it between steps.
         compile: fuse :func:`select_attend` with ``torch.compile`` (default: on a CUDA device).
     """
 
     def __init__(self, engine, pos: torch.Tensor, compile: bool | None = None):
+        assert not engine.model.tensor_parallel, "the static step runs the whole model on every rank"
         self.engine, self.pos = engine, pos
         cfg = engine.scope
         self.m = cfg.sink + (cfg.recall_clip * cfg.span if retrieves(cfg) else 0) + cfg.local
         engine.rope_table(self.m)  # grown before any capture: the table is read, never reallocated
-        self.part = Part.of_step(1, cfg.chunk, 0, 1, split=False)  # one rank runs the one token
+        self.part = Part.of_step(1, cfg.chunk, engine.comm.rank, engine.comm.world, split=False)
         if compile is None:
             compile = pos.is_cuda
         self.tail = torch.compile(select_attend, fullgraph=True, dynamic=False) if compile else select_attend
@@ -126,29 +142,40 @@ class StaticStep:
         """Appends the token's K/V, selects its scope and attends (``Step.attend``'s contract, c = 1).
 
         Args:
-            q: ``[H, 1, d]``; k, v: ``[Hkv, 1, d]``; un-rotated.
+            q: ``[H, 1, d]``; k, v: ``[Hkv, 1, d]``; un-rotated, every head.
 
         Returns:
             ``[1, H, d]``.
         """
-        e, cfg = self.engine, self.engine.scope
+        e, cfg, cache, comm = self.engine, self.engine.scope, self.engine.cache, self.engine.comm
         scaling = scaling or q.shape[-1] ** -0.5
         if e.sliding is not None and layer in e.sliding.layers:
             # Its own window, fixed shapes already; past the first W - 1 tokens every kept row is a
             # real token, whatever n0 says beyond that (graph_reason checks).
-            return e.sliding.attend_step(e.comm, self.part, e.sliding.window, layer, q, k, v, scaling)
+            return e.sliding.attend_step(comm, self.part, e.sliding.window, layer, q, k, v, scaling)
         layer = e.cache_slot[layer]  # the layer's index in the cache
-        cache_k, cache_v = e.cache.k[layer], e.cache.v[layer]  # [N, Hkv, d]
-        cache_k.index_copy_(0, self.pos, k.transpose(0, 1))
-        cache_v.index_copy_(0, self.pos, v.transpose(0, 1))
+        kt, vt = k.transpose(0, 1), v.transpose(0, 1)  # [1, Hkv, d]
+        cache.append_at(layer, self.pos, kt, vt)
+        e.window.append_at(layer, self.pos, kt, vt)
         n = self.pos + 1  # [1] tokens in the cache, this one included
         candidates = None
         if retrieves(cfg):  # the Triton kernel reads its end row on the device
-            candidates = local_topk(
-                q.transpose(0, 1), cache_k, cfg.sink, n - cfg.local, cfg.topk
-            )  # [1, H, k]
+            lo, hi = cache.local_count(cfg.sink), cache.local_count_at(n - cfg.local)
+            scores, rows = local_topk(q.transpose(0, 1), cache.k[layer], lo, hi, cfg.topk)  # [1, H, k]
+            index = cache.to_global(rows)
+            if comm.world > 1:
+                candidates = exchange.route_candidates(comm, None, scores[None], index[None])
+            else:
+                candidates = scores[None, None], index[None, None]  # [P = 1, B = 1, c = 1, H, k]
         cos, sin = e.rope_table(self.m)
-        return self.tail(q[:, 0], candidates, n, cache_k, cache_v, cos, sin, scaling, cfg)
+        owner = (cache.rank, cache.world, cache.page)
+        out, lse = self.tail(
+            q[:, 0], candidates, n, cache.k[layer], cache.v[layer], cos, sin, scaling, cfg, owner
+        )
+        if comm.world > 1:
+            every = exchange.gather_partials(comm, torch.cat([out, lse[:, None]], dim=1))  # [P, H, d + 1]
+            out = merge_partials(every[..., :-1], every[..., -1])
+        return out.to(q.dtype)[None]
 
 
 @dataclass
@@ -239,7 +266,7 @@ class GreedyDecoder:
             stop = self._stop_at(eos, done - batch, done)
         sync()
         t2 = time.perf_counter()
-        e.n = int(self.pos)  # tokens in the cache (steps past an EOS in the last batch included)
+        e.n = e.window.n = int(self.pos)  # tokens in the cache (steps past an EOS included)
         tokens = self.out[: done if stop is None else stop + 1].tolist()
         return Decoded(tokens, t1 - t0, warm - 1, t2 - t1, done - warm, self.graph is not None)
 

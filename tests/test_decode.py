@@ -7,13 +7,17 @@ same comparison runs with the graph captured and replayed.
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from test_distributed import free_port
 from tiny_models import ARCHS, tiny_model
 
 from dist_reattn.config import ScopeConfig
 from dist_reattn.decode import GreedyDecoder, StaticStep, graph_reason
+from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.engine import Engine
 from dist_reattn.models.adapter import ReAttnModel
 
@@ -106,3 +110,47 @@ def test_cuda_graph_tokens_equal_the_plain_path(arch, mode):
     graphed = Engine(m, copy.copy(cfg), N + 80, graph=True).generate(IDS, 60)
     assert graphed.decode_graph and graphed.tokens == plain.tokens
     assert graphed.decode_tokens == 60 - 1 - 2  # two eager warm-up steps, then replays
+
+
+def _ranks_worker(rank: int, world: int, port: int, path: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    comm = init_from_env(timeout_s=120, backend="gloo")
+    out = {}
+    try:
+        for arch in ("llama", "gemma3_text"):
+            model = ReAttnModel(tiny_model(arch, layers=2), comm)
+            for mode in ("reattention", "streaming"):
+                engine = Engine(
+                    model, ScopeConfig(mode=mode, **SCOPE), N + 64, comm=comm, page=8, graph=False
+                )
+                plain = engine.generate(IDS, 24).tokens
+                engine.reset()
+                logits = engine.prefill(IDS)
+                d = GreedyDecoder(engine, capture=False, check_every=4).run(
+                    int(logits.argmax()), 24, model.eos_ids
+                )
+                out[arch, mode] = (plain, d.tokens)
+    finally:
+        shutdown(comm)
+    torch.save(out, f"{path}.rank{rank}")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_static_step_on_ranks_equals_one_process(world, tmp_path):
+    # Striped 8-token pages: every scope spans several owners; the static step exchanges candidates
+    # and merges per-owner partials. Its tokens equal the plain step's on the same ranks and one
+    # process's.
+    path = str(tmp_path / "r")
+    mp.spawn(_ranks_worker, args=(world, free_port(), path), nprocs=world, join=True)
+    results = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(world)]
+    for arch in ("llama", "gemma3_text"):
+        model = ReAttnModel(tiny_model(arch, layers=2))
+        for mode in ("reattention", "streaming"):
+            want = (
+                Engine(model, ScopeConfig(mode=mode, **SCOPE), N + 64, graph=False).generate(IDS, 24).tokens
+            )
+            for rank, res in enumerate(results):
+                plain, static = res[arch, mode]
+                assert plain == want and static == want, f"{arch} {mode} P={world} rank {rank}"
