@@ -118,7 +118,7 @@ def partial_attention(
         k, v: ``[Hkv, m_r, d]`` un-rotated keys and values of this rank's scope tokens (``m_r`` may be 0).
         cos, sin: ``[m_r, d]`` rotary tables at those tokens' scope positions.
         q_cos, q_sin: ``[d]`` rotary tables at the query's scope position.
-        valid: ``[m_r]`` bool, False for padding keys (left out), or None.
+        valid: ``[m_r]`` bool, False for padding keys (left out, whatever their values), or None.
 
     Returns:
         ``(out [H, d], lse [H])`` fp32; a rank with no tokens gives zeros and ``-inf``.
@@ -128,8 +128,9 @@ def partial_attention(
     q = apply_rope(q, q_cos, q_sin).float().view(Hkv, H // Hkv, d)
     k = apply_rope(k, cos, sin).float()
     s = torch.einsum("hgd,hmd->hgm", q, k) * scaling  # [Hkv, g, m_r]
-    if valid is not None:
+    if valid is not None:  # padding rows may hold anything, NaN included (unwritten cache rows)
         s = s.masked_fill(~valid, float("-inf"))
+        v = v.masked_fill(~valid[:, None], 0.0)
     lse = torch.logsumexp(s, dim=-1)  # [Hkv, g]
     # The weights meet V in V's dtype, as in flash attention (P is cast before P @ V): an fp32 GEMM of
     # [g, m] x [m, d] gets a slow small-N kernel from cuBLAS (130 us at m = 8K on an H200).
