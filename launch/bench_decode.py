@@ -8,8 +8,9 @@ from the same state:
 
 * ``graph``: greedy tokens by CUDA graph replay (:class:`~dist_reattn.decode.GreedyDecoder`); its
   warm-up (eager steps with compilation, and the capture) is timed apart;
-* ``plain``: the engine's step-by-step path, first step (compilation) apart; its tokens must equal the
-  graph's;
+* ``plain``: the engine's step-by-step path, first step (compilation) apart; how many leading tokens
+  it shares with the graph's is recorded (its attention is SDPA, the graph's an fp32 softmax: they
+  can part at a near-tie);
 * ``hf``: the unmodified Hugging Face model's own decode, full attention through SDPA, its
   ``DynamicCache`` filled with random keys and values of the same length (where it fits);
 * at the longest length, ``--same-tokens`` tokens by replay against the same static step run eagerly
