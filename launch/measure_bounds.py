@@ -18,9 +18,14 @@ For each row (query token, head), with ``t`` its exact k-th best score:
   pair: ``(2u + u^2 + acc) |q| |k| + 2^-10 (s_k |q|_1 + s_q |k8|_1)`` with ``u = 2^-4`` (e4m3's
   rounding), ``acc = 2^-12`` (an allowance for the tensor cores' FP8 accumulation, an assumption)
   and the subnormal floor of each scale ``s``. Reported: the certified fraction per k'.
+* **Quantized first pass, a-posteriori bound** (``--quant int8,fp8``). Keys scaled per channel, then
+  rounded per token; the bound per pair is two rank-1 terms from the actual rounding residuals
+  (:func:`first_pass`). Reported: rows certified by top-k' (as above), and for a two-pass scan with a
+  quantized first pass (``--tiles``) the fraction of tiles that must be rescored exactly.
 
 Writes ``OUT/results.jsonl`` (one line per layer and setting) and ``OUT/README.md`` (the command
-and the table averaged over layers). CPU or GPU; a CPU run at 32K takes minutes.
+and the table averaged over layers). CPU or GPU; a CPU run at 32K takes minutes. ``--rows R`` measures
+the last R query tokens of the chunk only (memory: a few [R x heads/KV head, N] fp32 matrices).
 """
 
 from __future__ import annotations
@@ -73,41 +78,156 @@ def fp8(x: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return (x / scale).to(torch.float8_e4m3fn).float() * scale, scale
 
 
-def measure_layer(q: torch.Tensor, k: torch.Tensor, topk: int, blocks: list[int], kprimes: list[int]) -> dict:
-    """Block-bound and FP8-certificate figures for one layer.
+def quantize(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """``x`` ``[n, d]`` rounded to ``kind`` (``int8`` or ``fp8``) with one scale per row, dequantized (fp32)."""
+    if kind == "fp8":
+        return fp8(x, -1)[0]
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-30) / 127.0
+    return torch.round(x / scale).clamp(-127, 127) * scale
+
+
+def first_pass(q: torch.Tensor, k: torch.Tensor, kind: str, ref: int) -> tuple[torch.Tensor, ...]:
+    """A quantized first pass and its a-posteriori error bound, for one KV head.
+
+    Keys are divided per channel by a fixed scale ``c`` (the channel's max |k| over the first ``ref``
+    keys, as an engine would fix it at its first slab) and the queries multiplied by it, so
+    ``q . k = (q c) . (k / c)``; then each key and each query is rounded to ``kind`` with its own
+    scale. With ``q' = q c``, ``k' = k / c``, their roundings ``q^``, ``k^`` and the residuals
+    ``e = q' - q^``, ``r = k' - k^``: ``q . k - q^ . k^ = q' . r + e . k^``, so by Cauchy-Schwarz
+    ``|q . k - q^ . k^| <= |q'| |r| + |e| |k^|``: two rank-1 terms from one float per key (|r|, |k^|)
+    and two per query row, all known at append and load time.
+
+    Returns:
+        ``approx [R, N]`` (q^ . k^), and the bound's factors ``a, c [R]`` and ``b, dd [N]``:
+        ``|exact - approx| <= a b + c dd + margin``, where the margin ``2^-16 |q'| (|k^| + |r|)``
+        covers the fp32 rounding of both the exact scores and the approximate ones, and for FP8 an
+        accumulation allowance ``ACC |q^| |k^|`` (the tensor cores' FP8 accumulation is not exact
+        fp32, an assumption); int8 accumulates exactly in int32.
+    """
+    ch = k[:ref].abs().amax(0).clamp_min(1e-12)  # [d]
+    qs, ks = q * ch, k / ch
+    qh, kh = quantize(qs, kind), quantize(ks, kind)
+    approx = qh @ kh.T
+    a, c = qs.norm(dim=-1), (qs - qh).norm(dim=-1)
+    b, dd = (ks - kh).norm(dim=-1), kh.norm(dim=-1)
+    extra = 2.0**-16 * a[:, None] * (dd + b)[None, :]
+    if kind == "fp8":
+        extra = extra + ACC * qh.norm(dim=-1)[:, None] * dd[None, :]
+    return approx, a, c, b, dd, extra
+
+
+def tiles_of(x: torch.Tensor, t: int, fill: float) -> torch.Tensor:
+    """``x [..., N]`` padded with ``fill`` to a multiple of ``t`` and viewed as ``[..., N / t, t]``."""
+    n = x.shape[-1]
+    pad = (-n) % t
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad), value=fill)
+    return x.view(*x.shape[:-1], -1, t)
+
+
+def union16(listed: torch.Tensor) -> float:
+    """Mean fraction of tiles listed by any row of each block of 16 consecutive rows ``[R, T]``."""
+    r = listed.shape[0] // 16 * 16
+    return float(listed[:r].view(-1, 16, listed.shape[-1]).any(1).float().mean())
+
+
+def by_head(rows: torch.Tensor, g: int) -> torch.Tensor:
+    """Rows ``[c * g, ...]`` (token-major, the g query heads of a KV head inner) reordered head-major."""
+    return rows.view(-1, g, *rows.shape[1:]).transpose(0, 1).reshape(rows.shape)
+
+
+def measure_layer(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    topk: int,
+    blocks: list[int],
+    kprimes: list[int],
+    tiles: tuple[int, ...] = (),
+    quants: tuple[str, ...] = (),
+    ref: int = 8192,
+) -> dict:
+    """Block-bound, FP8-certificate and quantized-first-pass figures for one layer.
 
     Args:
         q: ``[c, H, d]`` un-rotated queries; k: ``[N, Hkv, d]`` the middle keys.
+        tiles: tile sizes (keys) of a scan whose first pass is quantized: per row and tile, an
+            upper bound ``U`` (the tile's max approximate score plus the tile's largest error bound)
+            and a lower bound ``L`` (max approximate minus it). Round 1 rescores exactly the k tiles
+            with the best approximate max; the k-th best exact score found there, or the k-th
+            largest ``L`` if higher, is a floor under the exact k-th score (k distinct keys reach
+            it), so round 2 must rescore only the tiles whose ``U`` reaches it. Reported: the
+            fraction of tiles rescored in both rounds.
+        quants: ``int8`` / ``fp8`` first passes to measure (:func:`first_pass`).
     """
     c, H, d = q.shape
     N, Hkv, _ = k.shape
     g = H // Hkv
     out: dict = {"rows": c * H, "keys": N}
-    qf = q.float().reshape(c, Hkv, g, d).permute(1, 0, 2, 3).reshape(Hkv, c * g, d)  # [Hkv, R, d]
-    kf = k.float().permute(1, 0, 2)  # [Hkv, N, d]
-    s = qf @ kf.transpose(1, 2)  # [Hkv, R, N] exact (fp32 of the stored values)
-    t = s.topk(topk, dim=-1).values[..., -1:]  # [Hkv, R, 1] the exact k-th best
-    for b in blocks:
-        nb = N // b
-        kb = kf[:, : nb * b].reshape(Hkv, nb, b, d)
-        kmax, kmin = kb.amax(2), kb.amin(2)  # [Hkv, nb, d]
-        # sum_i max(q_i kmax_i, q_i kmin_i) = q+ . kmax + q- . kmin: two matmuls
-        bound = qf.clamp_min(0) @ kmax.transpose(1, 2) + qf.clamp_max(0) @ kmin.transpose(
-            1, 2
-        )  # [Hkv, R, nb]
-        out[f"blocks_kept_B{b}"] = float((bound >= t).float().mean())
-    q8, sq = fp8(qf, -1)  # per row
-    k8, sk = fp8(kf, -1)  # per token and KV head
-    s8 = q8 @ k8.transpose(1, 2)
-    err = (2 * U + U * U + ACC) * qf.norm(dim=-1)[..., None] * kf.norm(dim=-1)[:, None]  # [Hkv, R, N]
-    err = err + SUB * (sk.squeeze(-1)[:, None] * qf.abs().sum(-1)[..., None] + sq * k8.abs().sum(-1)[:, None])
-    for kp in kprimes:
-        cand = s8.topk(kp, dim=-1).indices  # [Hkv, R, k']
-        t_c = s.gather(-1, cand).topk(topk, dim=-1).values[..., -1:]  # exact k-th of the rescored set
-        others = (s8 + err).scatter(-1, cand, float("-inf")).amax(-1, keepdim=True)
-        out[f"certified_k{kp}"] = float((others < t_c).float().mean())
-        # what a perfect bound could certify: the exact top-k inside the FP8 top-k'
-        out[f"contains_k{kp}"] = float((t_c >= t).float().mean())
+    acc: dict = {}
+
+    def add(key: str, value: float) -> None:
+        acc[key] = acc.get(key, 0.0) + value / Hkv
+
+    for h in range(Hkv):  # one KV head at a time: [R, N] fp32 score matrices
+        qf = q[:, h * g : (h + 1) * g].float().reshape(c * g, d)  # rows: token-major, heads inner
+        kf = k[:, h].float()
+        s = qf @ kf.T  # exact (fp32 of the stored values)
+        t = s.topk(topk, dim=-1).values[:, -1:]  # the exact k-th best
+        for b in blocks:
+            nb = N // b
+            kb = kf[: nb * b].view(nb, b, d)
+            # sum_i max(q_i kmax_i, q_i kmin_i) = q+ . kmax + q- . kmin: two matmuls
+            bound = qf.clamp_min(0) @ kb.amax(1).T + qf.clamp_max(0) @ kb.amin(1).T
+            add(f"blocks_kept_B{b}", float((bound >= t).float().mean()))
+        q8, sq = fp8(qf, -1)
+        k8, sk = fp8(kf, -1)
+        s8 = q8 @ k8.T
+        err = (2 * U + U * U + ACC) * qf.norm(dim=-1)[:, None] * kf.norm(dim=-1)[None, :]
+        err = err + SUB * (sk.view(1, -1) * qf.abs().sum(-1)[:, None] + sq * k8.abs().sum(-1)[None, :])
+        for kp in kprimes:
+            cand = s8.topk(kp, dim=-1).indices
+            t_c = s.gather(-1, cand).topk(topk, dim=-1).values[:, -1:]
+            others = (s8 + err).scatter(-1, cand, float("-inf")).amax(-1, keepdim=True)
+            add(f"certified_k{kp}", float((others < t_c).float().mean()))
+            add(f"contains_k{kp}", float((t_c >= t).float().mean()))
+        del s8, err
+        for tt in tiles:  # today's exact two-pass: each row's k best tiles by exact tile max
+            best = tiles_of(s, tt, float("-inf")).amax(-1).topk(topk, dim=-1).indices
+            listed = torch.zeros(s.shape[0], -(-N // tt), dtype=torch.bool, device=s.device)
+            add(f"exact_tiles_T{tt}_blk16", union16(listed.scatter_(-1, best, True)))
+        for kind in quants:
+            approx, a, cq, b, dd, extra = first_pass(qf, kf, kind, ref)
+            err = a[:, None] * b[None, :] + cq[:, None] * dd[None, :] + extra
+            hi = approx + err
+            assert bool((s <= hi).all() and (s >= approx - err).all()), f"{kind} bound violated"
+            for kp in kprimes:
+                cand = hi.topk(kp + 1, dim=-1)
+                t_c = s.gather(-1, cand.indices[:, :kp]).topk(topk, dim=-1).values[:, -1]
+                add(f"{kind}_certified_k{kp}", float((cand.values[:, kp] < t_c).float().mean()))
+            del hi
+            for tt in tiles:
+                top = tiles_of(approx, tt, float("-inf")).amax(-1)  # [R, T]
+                e_t = (
+                    a[:, None] * tiles_of(b, tt, 0.0).amax(-1)[None, :]
+                    + cq[:, None] * tiles_of(dd, tt, 0.0).amax(-1)[None, :]
+                    + tiles_of(extra, tt, 0.0).amax(-1)
+                )
+                # round 1 rescores each row's k tiles with the best approximate max exactly; the
+                # k-th best exact score among them (k distinct keys reach it), or the k-th largest
+                # tile floor if higher, bounds the k-th winner from below; round 2 rescores the
+                # tiles whose upper bound reaches it
+                first = top.topk(topk, dim=-1).indices
+                listed = torch.zeros_like(top, dtype=torch.bool).scatter_(-1, first, True)
+                exact_in = tiles_of(s, tt, float("-inf"))[listed.nonzero(as_tuple=True)].view(len(s), -1)
+                floor = torch.maximum(
+                    exact_in.topk(topk, dim=-1).values[:, -1:], (top - e_t).topk(topk, dim=-1).values[:, -1:]
+                )
+                listed |= top + e_t >= floor
+                add(f"{kind}_tiles_T{tt}_row", float(listed.float().mean()))
+                add(f"{kind}_tiles_T{tt}_blk16", union16(listed))
+                add(f"{kind}_tiles_T{tt}_blk16h", union16(by_head(listed, g)))
+            del approx, err, extra
+    out.update(acc)
     return out
 
 
@@ -118,12 +238,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--haystack", default="prose", choices=HAYSTACKS)
     p.add_argument("--blocks", default="32,64,128", help="block sizes for the bounds, comma list")
     p.add_argument("--kprime", default="8,16,32,64", help="FP8 candidates per row, comma list")
+    p.add_argument("--tiles", default="64,128,256", help="tile sizes of the quantized two-pass, comma list")
+    p.add_argument("--quant", default="int8,fp8", help="quantized first passes to measure: int8, fp8")
+    p.add_argument(
+        "--rows", default="0", help="measure only the last ROWS query tokens of the chunk (0: all)"
+    )
     p.add_argument("--layers", default="all", help="'all' or a comma list of layer indices")
     p.add_argument("--out", required=True, help="output directory")
     args = parse_args_with_overrides(p, argv)
     n = parse_count(args.len)
     blocks = [int(x) for x in args.blocks.split(",")]
     kprimes = [int(x) for x in args.kprime.split(",")]
+    tiles = tuple(int(x) for x in args.tiles.split(",") if x)
+    quants = tuple(x for x in args.quant.split(",") if x)
+    if set(quants) - {"int8", "fp8"}:
+        raise ConfigError(f"--quant {args.quant!r}: give a comma list of int8 and fp8")
+    nrows = parse_count(args.rows) if args.rows != "0" else 0
     cfg = config_for_model(args.model, args.config, args.overrides)
     if cfg.scope.mode != "reattention" or cfg.scope.topk < 1:
         raise ConfigError(
@@ -150,16 +280,21 @@ def main(argv: list[str] | None = None) -> int:
     for layer in layers:
         q, end = engine.last_queries[layer]
         lo, hi = sc.sink, end - sc.local  # the middle of the last chunk (one rank: rows = tokens)
-        r = measure_layer(q, engine.cache.k[layer, lo:hi], sc.topk, blocks, kprimes)
+        r = measure_layer(
+            q[-nrows:] if nrows else q, engine.cache.k[layer, lo:hi], sc.topk, blocks, kprimes, tiles, quants
+        )
         r.update(layer=layer, len=len(ids), topk=sc.topk, haystack=args.haystack, model=cfg.model.path)
         append_record(out / "results.jsonl", r)
         rows.append(r)
         print(r)
     keys = [f"blocks_kept_B{b}" for b in blocks]
     keys += [f"{what}_k{kp}" for what in ("certified", "contains") for kp in kprimes]
+    keys += [f"exact_tiles_T{t}_blk16" for t in tiles]
+    keys += [f"{kind}_certified_k{kp}" for kind in quants for kp in kprimes]
+    keys += [f"{kind}_tiles_T{t}_{w}" for kind in quants for t in tiles for w in ("row", "blk16", "blk16h")]
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in keys}
     lines = [
-        f"# Block bounds and FP8 certificates on {cfg.model.path}'s keys, {datetime.date.today()}",
+        f"# Block bounds, FP8 certificates and quantized first passes on {cfg.model.path}'s keys, {datetime.date.today()}",
         "",
         "```",
         "python launch/measure_bounds.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -169,17 +304,24 @@ def main(argv: list[str] | None = None) -> int:
         f"{rows[0]['rows']:,} rows (query tokens x heads) of the last chunk per layer, topk {sc.topk}, "
         f"{prep.dtype}, torch {torch.__version__}, Python {platform.python_version()}, {prep.device}.",
         "",
-        "| layer | " + " | ".join(keys) + " |",
-        "| ---: | " + " | ".join("---:" for _ in keys) + " |",
+        "| measure | mean over layers | min | max |",
+        "| --- | ---: | ---: | ---: |",
     ]
-    for r in rows:
-        lines.append(f"| {r['layer']} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |")
-    lines.append("| mean | " + " | ".join(f"**{mean[k]:.3f}**" for k in keys) + " |")
+    for k in keys:
+        vals = [r[k] for r in rows]
+        lines.append(f"| {k} | **{mean[k]:.4f}** | {min(vals):.4f} | {max(vals):.4f} |")
     lines += [
         "",
-        "`blocks_kept_B*`: fraction of key blocks whose bound reaches the row's exact k-th score (branch "
-        "and bound scores at least these); `certified_k*`: fraction of rows whose FP8 top-k' provably "
-        f"holds the exact top-k (bound constants: u = 2^-4, accumulation 2^-12 (assumed), subnormal 2^-10). "
+        "Per layer: `results.jsonl`. `blocks_kept_B*`: fraction of key blocks whose bound reaches the "
+        "row's exact k-th score (branch and bound scores at least these); `certified_k*`: fraction of "
+        "rows whose FP8 top-k' provably holds the exact top-k under an a-priori bound (u = 2^-4, "
+        "accumulation 2^-12 (assumed), subnormal 2^-10); `contains_k*`: the exact top-k inside FP8's "
+        "top-k'. `exact_tiles_T*_blk16`: the tiles today's exact two-pass kernel revisits (each row's "
+        "k best tiles, union over 16 rows). `<q>_certified_k*`: rows whose top-k' by a quantized "
+        "(`<q>` = int8 / fp8, channel-scaled) first pass plus its a-posteriori bound provably holds "
+        "the exact top-k; `<q>_tiles_T*_row` / `_blk16`: fraction of tiles a quantized two-pass must "
+        "rescore exactly, per row / per block of 16 rows (token-major: 16 / g tokens x g heads; `blk16h`: "
+        "16 tokens of one head) (see `first_pass` and `measure_layer`). "
         f"Scoring every key costs 1.0; {math.ceil(rows[0]['keys'] / 64):,} blocks of 64 per row here.",
     ]
     (out / "README.md").write_text("\n".join(lines) + "\n")

@@ -109,7 +109,14 @@ def test_cuda_graph_tokens_equal_the_plain_path(arch, mode):
     plain = Engine(m, copy.copy(cfg), N + 80, graph=False).generate(IDS, 60)
     graphed = Engine(m, copy.copy(cfg), N + 80, graph=True).generate(IDS, 60)
     assert graphed.decode_graph and graphed.tokens == plain.tokens
-    assert graphed.decode_tokens == 60 - 1 - 2  # two eager warm-up steps, then replays
+    # two eager warm-up steps, then replays read every 16 tokens for EOS: a random tiny model may
+    # stop early, and the replays after its EOS in that batch of 16 ran (and are counted as run)
+    steady = len(graphed.tokens) - 1 - 2
+    assert (
+        graphed.decode_tokens == steady
+        if len(graphed.tokens) == 60
+        else steady <= graphed.decode_tokens < steady + 16
+    )
 
 
 FORCED = torch.randint(0, 120, (12,), generator=torch.Generator().manual_seed(4)).tolist()

@@ -43,3 +43,45 @@ def test_invariants_on_random_keys():
     assert r["contains_k4"] <= r["contains_k16"] <= r["contains_k64"]
     assert r["blocks_kept_B32"] <= r["blocks_kept_B64"] <= r["blocks_kept_B128"] <= 1
     assert r["blocks_kept_B128"] > 0.5  # random high-dimensional keys: the bounds are nearly vacuous
+
+
+def test_quantized_first_pass_bounds_hold_and_list_what_they_must():
+    # Adversarial for the bound: an outlier channel (what pre-RoPE keys have), near-ties among the
+    # winners, and a ragged tail (N not a multiple of any tile). measure_layer asserts internally
+    # that every exact score lies within the bound; here: the two-pass must list the winners' tiles,
+    # int8's bound is tighter than fp8's, and with a separated winner block round 2 adds nothing.
+    gen = torch.Generator().manual_seed(2)
+    c, H, Hkv, d, N = 8, 4, 2, 32, 1000
+    q = torch.randn((c, H, d), generator=gen)
+    k = torch.randn((N, Hkv, d), generator=gen)
+    k[:, :, 3] *= 20.0  # outlier channel
+    k[500:504] = k[500:501] * (1 + 1e-6 * torch.arange(4.0)).view(4, 1, 1)  # near-tied copies
+    r = mb.measure_layer(q, k, 4, [64], [4, 16], tiles=(64, 128), quants=("int8", "fp8"))
+    for kind in ("int8", "fp8"):
+        for t in (64, 128):
+            assert 0 < r[f"{kind}_tiles_T{t}_row"] <= r[f"{kind}_tiles_T{t}_blk16"] <= 1
+            assert r[f"{kind}_tiles_T{t}_row"] <= r[f"{kind}_tiles_T{t}_blk16h"] <= 1
+        assert r[f"{kind}_certified_k4"] <= r[f"{kind}_certified_k16"]
+    assert r["int8_tiles_T64_row"] <= r["fp8_tiles_T64_row"]
+    # separated: one block of 64 keys aligned with every query, far above the rest
+    qp = torch.rand((c, H, d), generator=gen) + 1.0
+    kp = torch.rand((N, Hkv, d), generator=gen) * 1e-2
+    kp[256:320] = 2.0 + torch.rand((64, Hkv, d), generator=gen)
+    r = mb.measure_layer(qp, kp, 4, [64], [4], tiles=(64,), quants=("int8",), ref=N)
+    # round 1's k = 4 tiles per row and nothing more: the winners' tile floors every other bound
+    assert r["int8_tiles_T64_row"] == 4 / 16
+    assert r["int8_tiles_T64_blk16"] >= 4 / 16 and r["exact_tiles_T64_blk16"] >= 4 / 16
+
+
+def test_quantized_bound_covers_every_pair():
+    # The a-posteriori bound must hold for every (row, key) pair, whatever the data: here scaled so
+    # that rounding is large (keys spanning many orders of magnitude).
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn((64, 16), generator=gen) * torch.logspace(-3, 3, 16)
+    k = torch.randn((512, 16), generator=gen) * torch.logspace(3, -3, 16)
+    s = q @ k.T
+    for kind in ("int8", "fp8"):
+        approx, a, cq, b, dd, extra = mb.first_pass(q, k, kind, ref=100)
+        err = a[:, None] * b[None, :] + cq[:, None] * dd[None, :] + extra
+        assert bool(((s - approx).abs() <= err).all())
+        assert float(err.mean()) < float(s.abs().mean())  # and it is not vacuous
