@@ -104,6 +104,8 @@ def first_pass(q: torch.Tensor, k: torch.Tensor, kind: str, ref: int) -> tuple[t
         accumulation allowance ``ACC |q^| |k^|`` (the tensor cores' FP8 accumulation is not exact
         fp32, an assumption); int8 accumulates exactly in int32.
     """
+    if kind.startswith("rank"):
+        return low_rank_pass(q, k, int(kind[4:]), ref)
     ch = k[:ref].abs().amax(0).clamp_min(1e-12)  # [d]
     qs, ks = q * ch, k / ch
     qh, kh = quantize(qs, kind), quantize(ks, kind)
@@ -113,6 +115,29 @@ def first_pass(q: torch.Tensor, k: torch.Tensor, kind: str, ref: int) -> tuple[t
     extra = 2.0**-16 * a[:, None] * (dd + b)[None, :]
     if kind == "fp8":
         extra = extra + ACC * qh.norm(dim=-1)[:, None] * dd[None, :]
+    return approx, a, c, b, dd, extra
+
+
+def low_rank_pass(q: torch.Tensor, k: torch.Tensor, r: int, ref: int) -> tuple[torch.Tensor, ...]:
+    """A first pass in ``r`` of the ``d`` dimensions, its values in bf16, and its error bound.
+
+    The keys' mean ``m`` and top-``r`` principal directions ``P`` (``[d, r]``, orthonormal) come from
+    the first ``ref`` keys (fixed at the first slab, as an engine would). With ``x = P^T q``,
+    ``y = P^T (k - m)``, their bf16 roundings ``x~``, ``y~`` and the residual ``k_perp = (k - m) -
+    P y`` (orthogonal to P): ``q . k = q . m + x~ . y~ + (x - x~) . y~ + x . (y - y~) + q_perp .
+    k_perp``, so ``|q . k - (q . m + x~ . y~)| <= |q_perp| |k_perp| + |x - x~| |y~| + |x| |y - y~|``.
+    Same return convention as :func:`first_pass` (``a b + c dd + extra``).
+    """
+    m = k[:ref].mean(0)
+    basis = torch.linalg.svd(k[:ref] - m, full_matrices=False).Vh[:r].T  # [d, r]
+    x, y = q @ basis, (k - m) @ basis
+    xb, yb = x.bfloat16().float(), y.bfloat16().float()
+    approx = (q @ m)[:, None] + xb @ yb.T
+    a = (q - x @ basis.T).norm(dim=-1)  # |q_perp|
+    b = (k - m - y @ basis.T).norm(dim=-1)  # |k_perp|
+    c, dd = (x - xb).norm(dim=-1), yb.norm(dim=-1)
+    extra = x.norm(dim=-1)[:, None] * (y - yb).norm(dim=-1)[None, :]
+    extra = extra + 2.0**-16 * q.norm(dim=-1)[:, None] * k.norm(dim=-1)[None, :]
     return approx, a, c, b, dd, extra
 
 
@@ -157,7 +182,8 @@ def measure_layer(
             largest ``L`` if higher, is a floor under the exact k-th score (k distinct keys reach
             it), so round 2 must rescore only the tiles whose ``U`` reaches it. Reported: the
             fraction of tiles rescored in both rounds.
-        quants: ``int8`` / ``fp8`` first passes to measure (:func:`first_pass`).
+        quants: first passes to measure: ``int8`` / ``fp8`` (:func:`first_pass`), ``rankR``
+            (:func:`low_rank_pass`).
     """
     c, H, d = q.shape
     N, Hkv, _ = k.shape
@@ -239,7 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--blocks", default="32,64,128", help="block sizes for the bounds, comma list")
     p.add_argument("--kprime", default="8,16,32,64", help="FP8 candidates per row, comma list")
     p.add_argument("--tiles", default="64,128,256", help="tile sizes of the quantized two-pass, comma list")
-    p.add_argument("--quant", default="int8,fp8", help="quantized first passes to measure: int8, fp8")
+    p.add_argument(
+        "--quant",
+        default="int8,fp8",
+        help="cheaper first passes to measure: int8, fp8 (quantized), rankR (R principal directions, bf16)",
+    )
     p.add_argument(
         "--rows", default="0", help="measure only the last ROWS query tokens of the chunk (0: all)"
     )
@@ -251,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     kprimes = [int(x) for x in args.kprime.split(",")]
     tiles = tuple(int(x) for x in args.tiles.split(",") if x)
     quants = tuple(x for x in args.quant.split(",") if x)
-    if set(quants) - {"int8", "fp8"}:
-        raise ConfigError(f"--quant {args.quant!r}: give a comma list of int8 and fp8")
+    if any(x not in ("int8", "fp8") and not (x.startswith("rank") and x[4:].isdigit()) for x in quants):
+        raise ConfigError(f"--quant {args.quant!r}: give a comma list of int8, fp8 and rankR (R < head_dim)")
     nrows = parse_count(args.rows) if args.rows != "0" else 0
     cfg = config_for_model(args.model, args.config, args.overrides)
     if cfg.scope.mode != "reattention" or cfg.scope.topk < 1:
