@@ -488,6 +488,8 @@ def comm_projection(f: Fit, n: float, world: int, achieved: bool = False) -> dic
                     if ref_c[kind][k] > 0:
                         r[k] = rates[pc][k] * ref[kind][k] / ref_c[kind][k]
                 how = f"P={pc} measured x reference {ref['_point'].id} / {ref_c['_point'].id}"
+            elif ref and ref_c and kind in ref_c:
+                how = f"held at P={pc} per token (the reference counts no bytes of it on rank 0)"
             else:
                 how = f"held at P={pc} per token (no reference at P={world})"
         calls = r["calls_per_token"] * n
