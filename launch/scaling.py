@@ -21,6 +21,13 @@ other flag goes to niah.py):
         --depths 0.1,0.5,0.9 --out runs/scaling-16k
     python launch/scaling.py --strong-len 16K --ranks 1,2,4 --dry-run --out runs/x   # print the commands
 
+Counting the calls and bytes of every collective at P = 1..8 on a host with fewer cores (gloo; the
+counts do not depend on timing, the times of such runs measure time-slicing and say nothing of
+scaling; they serve as the byte reference of the cost model below):
+
+    python launch/scaling.py --strong-len 16K --ranks 2,4,8 --oversubscribe-for-counts \\
+        --model smollm2-135m --depths 0.5 --scope.slab=16 --model.dtype=bf16 --out runs/bytes
+
 The weak series runs N(P) = X * sqrt(P) rounded to --weak-multiple tokens (8K: 8K, 11.5K, 16K at
 P = 1, 2, 4), which holds the quadratic scoring work per rank constant; ``--weak-growth linear`` runs
 N = X * P instead (the report normalises its efficiency by work either way).
@@ -32,6 +39,14 @@ give the bytes per collective at other P):
     python launch/scaling.py --from gpu/len1M-p1 gpu/len1M-p2 cpu/len8K-p1 cpu/len8K-p2 cpu/len8K-p4 \\
         cpu/len8K-p8 --comm-bench bench/comm-p2.json bench/comm-p4.json \\
         --project smollm2-135m=4M --project random:llama-3.1-8b=1M --project-ranks 1,2,4,8 --out rep
+
+Read only for their counts instead (not shown as measured scaling: runs with more ranks than cores,
+say), and for a model whose full shape does not fit the host, a shallower copy of it (same heads,
+head dim and scope; the depth cancels in the ratio of two P):
+
+    python launch/scaling.py --from gpu/len1M-p1 gpu/len1M-p2 --comm-bench bench/comm-p2.json \
+        --bytes-reference cpu/smol-p2 cpu/smol-p4 cpu/smol-p8 random:llama-3.1-8b=cpu/llama2l-p2 \
+        random:llama-3.1-8b=cpu/llama2l-p8 --project smollm2-135m=4M --out rep
 
 Writes ``OUT/report.md`` with ``scaling.png``, ``phases.png``, ``collectives.png``, ``memory.png``.
 Bad input stops with one ``error:`` line and exit status 2.
@@ -59,7 +74,7 @@ from dist_reattn.report.scaling import (
     run_commands,
     sqrt_length,
 )
-from dist_reattn.report.scaling_model import OPS, load_bench
+from dist_reattn.report.scaling_model import OPS, load_bench, load_references
 from dist_reattn.report.scaling_report import write_report
 
 NIAH = Path(__file__).resolve().parent / "niah.py"
@@ -141,6 +156,15 @@ def parse_args(argv: list[str] | None = None):
         help="launch/bench_comm.py results (one per P): latency and bus bandwidth for the cost model",
     )
     p.add_argument(
+        "--bytes-reference",
+        nargs="+",
+        default=[],
+        metavar="[MODEL=]DIR",
+        help="run directories read only for their calls and bytes per collective at each P (e.g. gloo "
+        "runs at small N), the cost model's byte reference; MODEL=DIR: they count for MODEL (a "
+        "shallower copy of its shape)",
+    )
+    p.add_argument(
         "--fit-ranks", default="1,2", help="the measured P the cost model is fitted on (default 1,2)"
     )
     p.add_argument(
@@ -165,6 +189,12 @@ def parse_args(argv: list[str] | None = None):
         "--mode", default="reattention", help="the NIAH mode run and reported (default reattention)"
     )
     p.add_argument("--dry-run", action="store_true", help="run: print the niah.py commands, run nothing")
+    p.add_argument(
+        "--oversubscribe-for-counts",
+        action="store_true",
+        help="run: allow more ranks than this host has GPUs or CPU cores; the runs then count calls and "
+        "bytes per collective (which do not depend on timing) but their times measure time-slicing",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     args, rest = p.parse_known_args(argv)
     args.niah_args = rest
@@ -204,10 +234,11 @@ def plan_runs(args) -> tuple[list[tuple[int, int, Path]], list[Path], list[Path]
             weak.append(runs.setdefault((n, r), out / f"len{format_count(n)}-p{r}"))
     if not args.dry_run:
         limit, why = rank_limit()
-        if max(ranks) > limit:
+        if max(ranks) > limit and not args.oversubscribe_for_counts:
             raise ConfigError(
                 f"--ranks {args.ranks!r}: {max(ranks)} ranks, but {limit} {why}; give counts <= {limit}, "
-                "or --dry-run to print the commands for a bigger host"
+                "--dry-run to print the commands for a bigger host, or --oversubscribe-for-counts for "
+                "runs that only count collective calls and bytes"
             )
     planned = [(n, r, d) for (n, r), d in runs.items()]
     if planned:
@@ -314,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
             run_all(runs, args)
         dirs = list(dict.fromkeys(map(str, [*args.from_dirs, *strong, *weak])))
         points, notes = load_points(dirs, args.mode)
+        options["references"], more = load_references(args.bytes_reference, args.mode)
+        notes += more
+        ref_dirs = [item.partition("=")[2] or item for item in args.bytes_reference]
         if strong or weak:
             series = [
                 explicit_series(k, points, list(map(str, d)))
@@ -331,9 +365,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     command = shlex.join(["python", os.path.relpath(__file__), *argv])
     try:
-        path = write_report(
-            points, series, args.out, command, dirs, [*notes, *args.note], run_commands(dirs), options
-        )
+        cmds = run_commands([*dirs, *ref_dirs])
+        path = write_report(points, series, args.out, command, dirs, [*notes, *args.note], cmds, options)
     except ScalingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -666,3 +666,58 @@ def test_comm_rates_prefer_per_stage_counts(tmp_path):
         rates["scope_kv"]["bytes_per_token"] == pytest.approx(500.0)
         and rates["scope_kv"]["op"] == "all_gather"
     )
+
+
+def test_reference_ratio_at_one_length_and_sequence_candidates_are_all_to_all(tmp_path, monkeypatch):
+    """Byte references at P=2 and P=8 are paired at one length (a P=2 reference at a second, longer
+    length must not enter the ratio), and in the sequence layout topk_candidates is an all-to-all:
+    its bus bytes at P=8 are what the rank sent, not 7 times it."""
+    from dist_reattn.report.scaling_model import project
+    from dist_reattn.report.scaling_model_report import fits_of
+
+    monkeypatch.chdir(tmp_path)
+
+    def seq(r):
+        return {**r, "layout": "sequence"}
+
+    gpu = [write_run(tmp_path / f"gpu-p{p}", [seq(model_record(p, 128 * K))]) for p in (1, 2)]
+    ref = [
+        write_run(tmp_path / f"cpu-p{p}", [seq(model_record(p, 8 * K, device="cpu", dtype="float32"))])
+        for p in (2, 8)
+    ]
+    longer = seq(model_record(2, 16 * K, device="cpu", dtype="float32"))
+    for c in longer["collectives"].values():
+        c["bytes"] *= 3  # a length with other rates per token: mixed into the ratio, it would show
+    ref.append(write_run(tmp_path / "cpu-p2-16k", [longer]))
+    points, _ = load_points([*gpu, *ref])
+    (f,) = [f for f in fits_of(points, {"fit_ranks": [1, 2]})[0] if f.tag.startswith("smollm2-135m, cuda")]
+    assert f.comm.ops["topk_candidates"] == "all_to_all" and f.comm.ops["scope_kv"] == "all_to_all"
+    n = 1024 * K
+    c = project(f, n, 8)["comm"]
+    assert c["scope_kv"]["bytes"] == pytest.approx(800 * n * 1400 / 800)  # the 8K pair, not 16K at P=2
+    assert "p2-8K" in c["scope_kv"]["rates"] and "p8-8K" in c["scope_kv"]["rates"]
+    assert c["topk_candidates"]["bus_bytes"] == pytest.approx(100 * n)
+
+
+def test_bytes_reference_flag_stands_in_for_a_model(tmp_path, monkeypatch):
+    """--bytes-reference MODEL=DIR: records of a shallower copy of MODEL's shape count as its byte
+    reference; they appear in the Byte reference table and in no measured table."""
+    monkeypatch.chdir(tmp_path)
+    dirs = [write_run(tmp_path / f"gpu-p{p}", [model_record(p, 128 * K)]) for p in (1, 2)]
+    shallow = []
+    for p in (2, 4):
+        r = model_record(p, 8 * K, device="cpu", dtype="float32")
+        r["model"] = "random:/x/smol-1layer"
+        for c in r["collectives"].values():
+            c["bytes"] //= 30  # one layer of 30
+        shallow.append(write_run(tmp_path / f"shallow-p{p}", [r]))
+    out = tmp_path / "report"
+    args = ["--from", *map(str, dirs), "--project", "smollm2-135m=1M", "--project-ranks", "2,4"]
+    args += ["--bytes-reference", *(f"smollm2-135m={d}" for d in shallow), "--out", str(out)]
+    assert _load_launcher().main(args) == 0
+    text = (out / "report.md").read_text()
+    assert "### Byte reference" in text and "random:/x/smol-1layer (for smollm2-135m)" in text
+    assert "P=2 measured x reference ref-p4-8K / ref-p2-8K" in text
+    assert "ref-p" not in text.split("## Cost model and projection")[0]  # not a measured point
+    row = [x for x in text.splitlines() if x.startswith("| 4 | scope_kv |")][0]
+    assert f"| {1200 * 1024 * K / 2**20:,.1f} |" in row  # 800 B/token x 1200 / 800, depth cancelled

@@ -14,8 +14,17 @@ operation from ``launch/bench_comm.py`` (:func:`load_bench`). Calls and bytes pe
 P are those measured for the configuration at that P; at a P it was not measured at they are the
 configuration's largest measured P scaled by a reference configuration that was (same model and
 scope, any device: bytes do not depend on the backend, and gloo runs at small N count them at
-P = 1..8): ``meas(P_c) * ref(P) / ref(P_c)``. Without a benchmark, the bandwidth is the effective one
-the configuration achieved at its largest measured P (labelled so).
+P = 1..8): ``meas(P_c) * ref(P) / ref(P_c)``, with ``ref(P)`` and ``ref(P_c)`` counted at the same
+prompt length (the first slabs attend without retrieval, so rates per token depend a little on the
+length) and in the same layout. A reference may be a shallower copy of the model's shape (same heads,
+head dim and scope, fewer layers: ``launch/scaling.py --bytes-reference MODEL=DIR``): every per-layer
+count scales with the depth, which cancels in the ratio. Without a benchmark, the bandwidth is the
+effective one the configuration achieved at its largest measured P (labelled so).
+
+The op of a kind is the record's where it names one, else :func:`op_hint`: ``topk_candidates`` is an
+all-to-all in the ``sequence`` layout (each chunk's candidates go to the rank that attends it) and an
+all-gather where every rank attends every chunk. At P = 2 both move the same bus bytes; at P = 8 an
+all-gather would move 7 times what the rank put in, the all-to-all once.
 
 Nothing here is a measurement: every table and figure built from it says "projection (cost model
 fitted on P=..)".
@@ -30,7 +39,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .scaling import VARIANT_FIELDS, Point, ScalingError, collectives, scope_of, scoring_pairs
+from .scaling import VARIANT_FIELDS, Point, ScalingError, collectives, load_points, scope_of, scoring_pairs
 
 OPS = ("all_gather", "all_to_all", "all_reduce", "reduce_scatter", "broadcast")
 # Which operation an engine kind is, where its record entry carries no "op" of its own. A kind not
@@ -45,9 +54,17 @@ OP_HINTS = {
     "logits": "broadcast",
     "consensus": "all_gather",
 }
+# Kinds whose op depends on the layout (exchange.route_candidates: an all-to-all where the steps are
+# split over sequence groups, an all-gather where every rank attends every chunk).
+LAYOUT_OP_HINTS = {("sequence", "topk_candidates"): "all_to_all"}
 QUADRATIC = ("scoring",)
 UNPROFILED = "unprofiled"
 SCOPE_FIELDS = ("model", "sink", "local", "topk", "span", "recall_clip", "chunk")
+
+
+def op_hint(kind: str, layout: str | None) -> str | None:
+    """The op of an engine kind in a layout, where the record names none (None: not known)."""
+    return LAYOUT_OP_HINTS.get((layout, kind)) or OP_HINTS.get(kind)
 
 
 def bus_bytes(op: str, world: int, counted: float) -> float:
@@ -150,6 +167,42 @@ def pick_bench(benches: list[CommBench], world: int) -> CommBench | None:
         return exact[0]
     below = [b for b in benches if b.world < world]
     return max(below, key=lambda b: b.world) if below else min(benches, key=lambda b: b.world)
+
+
+# ---- byte references ----------------------------------------------------------------------------
+
+
+def load_references(items: list[str], mode: str | None = "reattention") -> tuple[list[Point], list[str]]:
+    """Run directories read only for their collective counts (the cost model's byte reference).
+
+    Args:
+        items: ``DIR`` (its records count for their own model) or ``MODEL=DIR`` (they count for
+            ``MODEL``: a shallower copy of its shape, same heads, head dim and scope).
+        mode: keep only records of this mode.
+
+    Returns:
+        (points with ids ``ref-<id>``, their variant's model set to ``MODEL`` where given; notes).
+
+    Raises:
+        ScalingError: an item that names no directory with records.
+    """
+    groups: dict[str | None, list[str]] = defaultdict(list)
+    for item in items:
+        model, sep, d = item.partition("=")
+        if sep and (not model or not d):
+            raise ScalingError(f"--bytes-reference {item!r}: give DIR or MODEL=DIR")
+        groups[model if sep else None].append(d if sep else item)
+    out, notes = [], []
+    at = VARIANT_FIELDS.index("model")
+    for model, dirs in groups.items():
+        points, more = load_points(dirs, mode)
+        notes += more
+        for p in points:
+            p.id = f"ref-{p.id}"
+            if model is not None:
+                p.variant = (*p.variant[:at], model, *p.variant[at + 1 :])
+        out += points
+    return out, notes
 
 
 # ---- per-point measures the model uses ----------------------------------------------------------
@@ -355,15 +408,22 @@ def fit(
             kinds[kind][p.world] = {**rate, "seconds": ph[f"comm:{kind}"], "tokens": p.tokens}
             if rate.get("op"):
                 ops[kind] = rate["op"]
+    layout = next((p.layout for p, _ in sorted(prof, key=lambda x: -x[0].world) if p.layout), None)
     for kind in kinds:
         if op_overrides and kind in op_overrides:
             ops[kind] = op_overrides[kind]
         elif kind not in ops:
-            ops[kind] = OP_HINTS.get(kind, "all_gather")
-            if kind not in OP_HINTS:
+            ops[kind] = op_hint(kind, layout) or "all_gather"
+            if op_hint(kind, layout) is None:
                 notes.append(f"`{kind}`: the records do not say which op; taken as all_gather (--comm-op)")
     key = _scope_key(prof[0][0].variant)
-    refs = [q for q in all_points if _scope_key(q.variant) == key and q.variant != prof[0][0].variant]
+    refs = [
+        q
+        for q in all_points
+        if _scope_key(q.variant) == key
+        and q.variant != prof[0][0].variant
+        and (q.world == 1 or layout is None or q.layout == layout)
+    ]
     fitted = [p for p, _ in prof]
     own = [q for q in all_points if q.variant == prof[0][0].variant and q not in fitted]
     return Fit(
@@ -374,12 +434,26 @@ def fit(
 # ---- projection ---------------------------------------------------------------------------------
 
 
-def _ref_rates(refs: list[Point], world: int) -> dict[str, dict] | None:
+def _ref_rates(refs: list[Point], world: int, length: int | None = None) -> dict[str, dict] | None:
+    """comm_rates of the reference point at ``world`` (at ``length`` requested tokens if given, else
+    the longest), with the point under ``_point``; None if there is none."""
     at = [q for q in refs if q.world == world and q.records[0].get("collectives")]
+    at = [q for q in at if length is None or q.length == length]
     if not at:
         return None
     best = max(at, key=lambda q: q.tokens)
     return comm_rates(best) | {"_point": best}
+
+
+def _ref_pair(refs: list[Point], world: int, base: int) -> tuple[dict, dict] | tuple[None, None]:
+    """Reference rates at ``world`` and at ``base`` ranks counted at one length (the longest that both
+    have): a ratio of rates at two lengths would mix in how the rates vary with the length."""
+    lengths = {q.length for q in refs if q.world == world} & {q.length for q in refs if q.world == base}
+    for n in sorted(lengths, reverse=True):
+        ref, ref_c = _ref_rates(refs, world, n), _ref_rates(refs, base, n)
+        if ref and ref_c:
+            return ref, ref_c
+    return None, None
 
 
 def comm_projection(f: Fit, n: float, world: int, achieved: bool = False) -> dict[str, dict]:
@@ -406,7 +480,7 @@ def comm_projection(f: Fit, n: float, world: int, achieved: bool = False) -> dic
         else:
             pc = max(rates)
             r = dict(rates[pc])
-            ref, ref_c = _ref_rates(f.references, world), _ref_rates(f.references, pc)
+            ref, ref_c = _ref_pair(f.references, world, pc)
             if ref and ref_c and kind in ref_c and ref_c[kind]["bytes_per_token"] > 0:
                 if kind not in ref:
                     continue  # the reference does not use the kind at this P
@@ -414,6 +488,8 @@ def comm_projection(f: Fit, n: float, world: int, achieved: bool = False) -> dic
                     if ref_c[kind][k] > 0:
                         r[k] = rates[pc][k] * ref[kind][k] / ref_c[kind][k]
                 how = f"P={pc} measured x reference {ref['_point'].id} / {ref_c['_point'].id}"
+            elif ref and ref_c and kind in ref_c:
+                how = f"held at P={pc} per token (the reference counts no bytes of it on rank 0)"
             else:
                 how = f"held at P={pc} per token (no reference at P={world})"
         calls = r["calls_per_token"] * n

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import scaling_plots
 from .niah_plots import length_label
 from .scaling import VARIANT_FIELDS, Point, ScalingError, compress_sources
-from .scaling_model import Fit, bus_bytes, fit, project, raw_phases
+from .scaling_model import Fit, bus_bytes, comm_rates, fit, project, raw_phases
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -50,8 +50,9 @@ def fits_of(points: list[Point], options: dict) -> tuple[list[Fit], list[str]]:
                     f"{_tag(variant)}: no cost model, profiled points at fewer than two of P={','.join(map(str, sorted(fit_ranks)))}"
                 )
             continue
+        every = [*points, *(options.get("references") or [])]
         try:
-            fits.append(fit(use, points, options.get("benches") or [], options.get("ops"), _tag(variant)))
+            fits.append(fit(use, every, options.get("benches") or [], options.get("ops"), _tag(variant)))
         except ScalingError as e:
             notes.append(str(e))
     return fits, notes
@@ -122,6 +123,37 @@ def _bench_lines(benches) -> list[str]:
         "bandwidth fitted over the size sweep, in relative error):",
         "",
         *_table([*header, "file"], rows),
+        "",
+    ]
+
+
+def _reference_lines(refs: list[Point]) -> list[str]:
+    """The byte-reference points: calls and bytes per prompt token of every kind, rank 0."""
+    if not refs:
+        return []
+    rows = []
+    for p in refs:
+        v = dict(zip(VARIANT_FIELDS, p.variant, strict=True))
+        ran = p.records[0].get("model")
+        for kind, r in sorted(comm_rates(p).items()):
+            rows.append(
+                [
+                    p.id, ran if ran == v["model"] else f"{ran} (for {v['model']})", f"{v['device']}, {v['dtype']}",
+                    p.world, p.layout or "-", f"{p.tokens:,.0f}", kind, f"{r['calls_per_token'] * p.tokens:,.0f}",
+                    f"{r['calls_per_token']:.4f}", f"{r['bytes_per_token']:,.1f}", p.source_text(),
+                ]
+            )  # fmt: skip
+    header = ["reference", "model", "device, dtype", "P", "layout", "prompt tokens", "kind", "calls (rank 0)"]
+    header += ["calls/token", "B/token (rank 0)", "records"]
+    return [
+        "### Byte reference",
+        "",
+        "Runs read only for their collective counts (`--bytes-reference`; their times are not used, nor "
+        "shown in the measured tables): rank 0's calls and bytes per prompt token of each kind, over the "
+        "trial (prefill and decode). A configuration's bytes at a P it was not measured at are its own "
+        "at its largest measured P times the reference's ratio between the two P at one length.",
+        "",
+        *_table(header, rows),
         "",
     ]
 
@@ -238,7 +270,8 @@ def model_section(points: list[Point], out: str | Path, options: dict) -> list[s
         out: the report directory.
         options: ``fit_ranks`` (P the fit uses, default [1, 2]), ``project_ranks`` (default
             [1, 2, 4, 8]), ``targets`` ({model: [lengths]}; default: each configuration at its largest
-            length), ``benches`` (:class:`scaling_model.CommBench` list), ``ops`` ({kind: op}).
+            length), ``benches`` (:class:`scaling_model.CommBench` list), ``ops`` ({kind: op}),
+            ``references`` (byte-reference points, :func:`scaling_model.load_references`).
     """
     fits, notes = fits_of(points, options)
     lines = ["## Cost model and projection", ""]
@@ -263,6 +296,7 @@ def model_section(points: list[Point], out: str | Path, options: dict) -> list[s
         "### Communication benchmark",
         "",
         *_bench_lines(options.get("benches")),
+        *_reference_lines(options.get("references") or []),
         "### Fit",
         "",
     ]
