@@ -413,8 +413,9 @@ def fit(
         if op_overrides and kind in op_overrides:
             ops[kind] = op_overrides[kind]
         elif kind not in ops:
-            ops[kind] = op_hint(kind, layout) or "all_gather"
-            if op_hint(kind, layout) is None:
+            hint = op_hint(kind, layout)
+            ops[kind] = hint or "all_gather"
+            if hint is None:
                 notes.append(f"`{kind}`: the records do not say which op; taken as all_gather (--comm-op)")
     key = _scope_key(prof[0][0].variant)
     refs = [
