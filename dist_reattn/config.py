@@ -126,8 +126,9 @@ class ParallelConfig:
 @dataclass
 class GenerateConfig:
     graph: bool = True
-    """Decode greedy tokens as CUDA graph replays where they apply (one rank on a CUDA device, a
-    bounded scope: ``dist_reattn.decode.graph_reason``); elsewhere, and with False, step by step."""
+    """Decode greedy tokens as CUDA graph replays where they apply (CUDA devices, no tensor
+    parallelism, a bounded scope: ``dist_reattn.decode.graph_reason``); elsewhere, and with False,
+    step by step."""
 
 
 @dataclass

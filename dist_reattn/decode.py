@@ -10,12 +10,13 @@ and attend over it (:func:`select_attend`, fused by ``torch.compile`` on a GPU).
 argmax feeding the next step into one CUDA graph and replays it per token; the host reads the tokens
 back every ``check_every`` tokens to stop at EOS.
 
-Where graphs do not apply (CPU, several ranks, ``full`` mode, a cache still inside
+Where graphs do not apply (CPU, tensor parallelism, ``full`` mode, a cache still inside
 ``sink + local``), the engine keeps its plain step; ``GreedyDecoder(capture=False)`` runs the static
 step eagerly, which is what the tests compare with the plain step on CPU. With several ranks the
 static step exchanges the candidates and merges per-owner partial attention by log-sum-exp, as the
-plain step does (tested on gloo ranks); capturing those NCCL exchanges in the graph waits for a
-measurement on several GPUs.
+plain step does (tested on gloo ranks); on GPUs those two NCCL collectives per layer are captured in
+the graph with the rest (``torch.distributed`` enqueues them on the capturing stream), and every
+rank replays the same graph, so the ranks stay in step without the host.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def graph_reason(engine) -> str | None:
     cfg = engine.scope
     if engine.model.device.type != "cuda":
         return "not a CUDA device"
-    if engine.comm.world > 1:  # StaticStep runs there (tested on gloo); its capture is not measured yet
-        return "several ranks (the graph would hold the NCCL exchanges; not measured on GPUs yet)"
+    if engine.comm.world > 1 and engine.decode_attention != "lse":
+        return "parallel.decode=gather (the graph step merges per-owner partials by log-sum-exp)"
     if engine.model.tensor_parallel:
         return "tensor parallelism"
     if cfg.mode == "full":

@@ -164,7 +164,7 @@ class Engine:
             scope tokens it owns, partial outputs merged by log-sum-exp: moves ``[H, d + 1]`` per rank
             and layer) or ``gather`` (the scope K/V is assembled on every rank, as in prefill).
         graph: decode greedy tokens by CUDA graph replay where :func:`~dist_reattn.decode.graph_reason`
-            allows it (one rank on a CUDA device, a bounded scope); elsewhere the plain step.
+            allows it (CUDA devices, no tensor parallelism, a bounded scope); elsewhere the plain step.
 
     With several ranks and a model that is not tensor-parallel, a prefill slab of at least P
     chunks is split into sequence groups (:class:`~dist_reattn.exchange.Part`).

@@ -1,6 +1,11 @@
 """Decode speed: the CUDA-graph step against the plain step, the memory roofline and the HF model.
 
     python launch/bench_decode.py --model smollm2-135m --len 128K,1M --out launch/results/bench_decode-H200-2026-12-01
+    torchrun --standalone --nproc_per_node 2 launch/bench_decode.py --model smollm2-135m --len 4M --out DIR
+
+Under torchrun every rank holds its striped share of the cache and the whole model (the
+``sequence`` layout's decode): the graph holds the candidate exchange and the log-sum-exp merge of
+the per-owner partials (NCCL), and rank 0 writes the results.
 
 For every length the KV cache is filled with random pre-RoPE keys and values (what a token reads, and
 so the time, does not depend on their values; a prefill of 1M tokens would take a minute), then,
@@ -12,13 +17,15 @@ from the same state:
   it shares with the graph's is recorded (its attention is SDPA, the graph's an fp32 softmax: they
   can part at a near-tie);
 * ``hf``: the unmodified Hugging Face model's own decode, full attention through SDPA, its
-  ``DynamicCache`` filled with random keys and values of the same length (where it fits);
+  ``DynamicCache`` filled with random keys and values of the same length (where it fits; one
+  process only: the HF model does not shard its cache);
 * at the longest length, ``--same-tokens`` tokens by replay against the same static step run eagerly
   (uncaptured): the tokens must be identical.
 
 Ceilings measured in the same run: the device-to-device copy rate (bytes read + written per second of
 a large ``copy_``), and the roofline of one token: the bytes it must read at least (every middle key
-of every layer for the scoring, the scope's keys and values, every weight once) over that rate.
+of every layer for the scoring, the scope's keys and values, every weight once) over that rate; with
+P ranks, the bytes of the busiest rank (its share of the middle keys and of the scope, every weight).
 Writes ``OUT/results.jsonl`` (one line per length) and ``OUT/README.md`` (the table and the command).
 """
 
@@ -45,7 +52,7 @@ from dist_reattn.config import (
     parse_count,
 )
 from dist_reattn.decode import GreedyDecoder, graph_reason
-from dist_reattn.distributed import Comm
+from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.engine import Engine
 from dist_reattn.models.adapter import ReAttnModel
 from dist_reattn.models.load import load_model
@@ -70,22 +77,26 @@ def copy_rate(nbytes: int = 2 << 30, reps: int = 20) -> float:
 
 
 def token_bytes(engine: Engine, n: int, weight_bytes: int) -> int:
-    """The least bytes one decode token at ``n`` cached tokens must read: the middle keys (scored),
-    the scope's keys and values, the weights."""
+    """The least bytes one decode token at ``n`` cached tokens must read on one rank: its share of
+    the middle keys (scored) and of the scope's keys and values (pages striped over the ranks: at
+    most a page more than 1/P of each), every weight (each rank runs the whole model)."""
     cfg, c = engine.scope, engine.cache
     layers, _, hkv, d = c.k.shape
     row = hkv * d * c.k.element_size()  # one token's K (or V) of one layer
     middle = max(n - cfg.sink - cfg.local, 0) if cfg.mode == "reattention" and cfg.topk else 0
     scope = cfg.max_scope() if cfg.mode == "reattention" else cfg.sink + cfg.local
-    return layers * row * (middle + 2 * scope) + weight_bytes
+    share = lambda m: min(m, -(-m // c.world) + c.page)  # noqa: E731
+    return layers * row * (share(middle) + 2 * share(scope)) + weight_bytes
 
 
 def fill_cache(engine: Engine, n: int, seed: int) -> None:
-    """Random pre-RoPE K/V for tokens ``[0, n)`` of every layer; the engine then holds ``n`` tokens."""
-    gen = torch.Generator(device=engine.cache.k.device).manual_seed(seed)
+    """Random pre-RoPE K/V for tokens ``[0, n)`` of every layer (this rank's rows of them); the
+    engine then holds ``n`` tokens."""
+    gen = torch.Generator(device=engine.cache.k.device).manual_seed(seed + engine.comm.rank)
+    rows = engine.cache.local_count(n)
     for t in (engine.cache.k, engine.cache.v):
         for layer in range(t.shape[0]):
-            t[layer, :n].normal_(generator=gen)
+            t[layer, :rows].normal_(generator=gen)
     engine.reset()
     engine.n = n
 
@@ -134,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
         help="tokens compared replayed vs eager at the longest length",
     )
     p.add_argument("--no-plain", action="store_true", help="skip the plain step (slow at long lengths)")
-    p.add_argument("--no-hf", action="store_true", help="skip the unmodified HF model")
+    p.add_argument(
+        "--no-hf", action="store_true", help="skip the unmodified HF model (always skipped with P > 1)"
+    )
     p.add_argument("--out", required=True, help="output directory")
     args = parse_args_with_overrides(p, argv)
     if not torch.cuda.is_available():
@@ -145,20 +158,38 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_for_model(args.model, args.config, args.overrides)
     if cfg.scope.mode == "full":
         raise ConfigError("--scope.mode=full has no bounded scope to capture: use reattention or streaming")
+    if cfg.parallel.layout == "tensor":
+        raise ConfigError(
+            "--parallel.layout=tensor has no graph decode: bench_decode.py runs the sequence layout"
+        )
     out = check_out_dir(args.out)
+    comm = init_from_env(cfg.dist.timeout_s, cfg.dist.backend)
+    try:
+        return bench(args, argv, cfg, lengths, out, comm)
+    finally:
+        shutdown(comm)
+
+
+def bench(args, argv, cfg, lengths: list[int], out, comm) -> int:
     room = max(args.tokens, args.same_tokens) + 4
     capacity = max(lengths) + room
-    prep = prepare(cfg, capacity, Comm.single())
-    out.mkdir(parents=True, exist_ok=True)
+    prep = prepare(cfg, capacity, comm)
+    lead = comm.rank == 0
+    say = print if lead else (lambda *a, **k: None)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
     hf = load_model(prep.source, prep.dtype, prep.device)
     weight_bytes = sum(t.numel() * t.element_size() for t in hf.parameters())
-    plain_hf = None if args.no_hf else copy.deepcopy(hf)  # before the adapter changes hf in place
+    run_hf = not args.no_hf and comm.world == 1
+    plain_hf = copy.deepcopy(hf) if run_hf else None  # before the adapter changes hf in place
     if plain_hf is not None:
         plain_hf.set_attn_implementation("sdpa")
-    engine = Engine(ReAttnModel(hf), cfg.scope, capacity)
+    engine = Engine(
+        ReAttnModel(hf, comm), cfg.scope, capacity, comm=comm, page=cfg.cache.page, decode=cfg.parallel.decode
+    )
     gpu = torch.cuda.get_device_name()
     rate = copy_rate()
-    print(f"{gpu}, torch {torch.__version__}, {prep.dtype}; copy ceiling {rate / 1e9:,.0f} GB/s")
+    say(f"{gpu} x {comm.world}, torch {torch.__version__}, {prep.dtype}; copy ceiling {rate / 1e9:,.0f} GB/s")
     rows = []
     for n in lengths:
         row: dict = {"len": n}
@@ -176,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             row.update(plain_ms=pl.ms_per_token, plain_warmup_s=pl.warmup_seconds)
             row["plain_common_prefix"] = common_prefix(pl.tokens, g.tokens)
             row["plain_compared"] = min(len(pl.tokens), len(g.tokens))  # (the plain path stops at an EOS)
-        if not args.no_hf:
+        if run_hf:
             try:
                 torch.cuda.empty_cache()
                 row["hf_ms"] = hf_decode(plain_hf, n, args.tokens, first)
@@ -202,22 +233,28 @@ def main(argv: list[str] | None = None) -> int:
                 eager_ms=eager.ms_per_token,
             )
         rows.append(row)
-        append_record(
-            out / "results.jsonl", {**row, "gpu": gpu, "dtype": str(prep.dtype), "scope": vars(cfg.scope)}
-        )
-        print(json.dumps(row))
+        if lead:
+            append_record(
+                out / "results.jsonl",
+                {**row, "gpu": gpu, "world": comm.world, "dtype": str(prep.dtype), "scope": vars(cfg.scope)},
+            )
+        say(json.dumps(row))
+    if not lead:
+        return 0
+    launcher = "python" if comm.world == 1 else f"torchrun --standalone --nproc_per_node {comm.world}"
     lines = [
-        f"# Decode: CUDA-graph step, plain step, HF model; {gpu}, {datetime.date.today()}",
+        f"# Decode: CUDA-graph step, plain step, HF model; {comm.world} x {gpu}, {datetime.date.today()}",
         "",
         "```",
-        "python launch/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        f"{launcher} launch/bench_decode.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "```",
         "",
         f"torch {torch.__version__}, Python {platform.python_version()}, {prep.dtype}, model {cfg.model.path}; "
         f"scope {vars(cfg.scope)}. Cache filled with random K/V; {args.tokens} timed tokens per path, "
         "warm-up (compilation, capture) apart.",
-        f"Copy ceiling (this run): {rate / 1e9:,.0f} GB/s read + written. Roofline: the bytes a token "
-        "must read (middle keys of every layer, the scope's K/V, the weights) at that rate.",
+        f"Copy ceiling (this run, rank 0's GPU): {rate / 1e9:,.0f} GB/s read + written. Roofline: the bytes "
+        "a token must read on one rank (its share of the middle keys of every layer and of the scope's "
+        "K/V, every weight) at that rate.",
         "",
         "| cached tokens | graph ms/token | plain ms/token | HF full attention ms/token | GB/token | "
         "roofline ms | graph GB/s | graph / roofline | graph warm-up s |",

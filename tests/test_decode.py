@@ -182,3 +182,52 @@ def test_static_step_on_ranks_equals_one_process(world, tmp_path):
                 torch.testing.assert_close(plain, want, atol=1e-4, rtol=0, msg=where)
                 torch.testing.assert_close(static, want, atol=1e-4, rtol=0, msg=where)
                 assert greedy == tokens, where
+
+
+def _gpu_ranks_worker(rank: int, world: int, port: int, path: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    torch.set_grad_enabled(False)
+    comm = init_from_env(timeout_s=120, backend="nccl")
+    out = {}
+    try:
+        for arch in ("llama", "gemma3_text"):
+            model = ReAttnModel(tiny_model(arch, layers=2).cuda(), comm)
+            for mode in ("reattention", "streaming"):
+                runs = []
+                for graph in (False, True):
+                    cfg = ScopeConfig(mode=mode, **SCOPE)
+                    engine = Engine(model, cfg, N + 80, comm=comm, page=8, graph=graph)
+                    runs.append(engine.generate(IDS, 40))
+                out[arch, mode] = [(g.tokens, g.decode_graph) for g in runs]
+    finally:
+        shutdown(comm)
+    torch.save(out, f"{path}.rank{rank}")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs (NCCL inside a CUDA graph)")
+def test_cuda_graph_on_two_gpus_equals_their_plain_step(tmp_path):
+    # Two NCCL ranks, striped 8-token pages: the captured graph holds the candidate all-gather and the
+    # log-sum-exp merge of per-owner partials. Its tokens equal the plain step's on the same ranks
+    # (40 tokens, fp32) and one process's plain step for the first 6 (the merge sums in another order).
+    world, path = 2, str(tmp_path / "r")
+    mp.spawn(_gpu_ranks_worker, args=(world, free_port(), path), nprocs=world, join=True)
+    results = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(world)]
+    torch.set_grad_enabled(False)
+    for arch in ("llama", "gemma3_text"):
+        model = ReAttnModel(tiny_model(arch, layers=2).cuda())
+        for mode in ("reattention", "streaming"):
+            one = Engine(model, ScopeConfig(mode=mode, **SCOPE), N + 80, page=8, graph=False).generate(
+                IDS, 40
+            )
+            for rank in range(world):
+                (plain, plain_graph), (graphed, captured) = results[rank][arch, mode]
+                where = f"{arch} {mode} rank {rank}"
+                assert captured and not plain_graph, where
+                assert graphed == plain, where
+                assert graphed[:6] == one.tokens[:6], where
