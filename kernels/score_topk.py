@@ -39,6 +39,16 @@ except ImportError:  # triton is a Linux-only dependency; the reference still wo
 # Keys per block in the pure-torch reference: the transient score block is
 # [H, c, REF_BLOCK] fp32, 75 MB at c = 512, H = 9.
 REF_BLOCK = 4096
+# The reference's key blocks are padded to a multiple of this many columns. A BLAS GEMM rounds a
+# column's dot products differently at the ragged edge of its tiles (MKL on AVX2, keys laid out as the
+# cache holds them, 2 query rows, d = 16: identical keys at rows 1 and N - 1 scored differently in
+# 74 % of 2,400 draws with N = 20..139; padded, in none), so two copies of one key
+# (a token repeated in the prompt: layer 0's keys depend on the token alone) could tie on one rank
+# and not on another, and the tie would be broken by rounding instead of by index. With every GEMM's
+# key count a multiple of 64 and the keys in one memory layout (a padded copy and a view of the
+# cache once met different GEMM kernels), a key's score does not depend on its column, the block's
+# length or the thread count (tests/test_kernel_score_topk.py::test_ref_scores_a_key_the_same_anywhere).
+REF_COLUMNS = 64
 
 
 def sort_topk(scores: torch.Tensor, index: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +119,10 @@ def score_topk_ref(
     best_i = torch.full((Hkv, g * c, topk), -1, dtype=torch.int64, device=q.device)
     for b0 in range(start, end, block):
         b1 = min(b0 + block, end)
-        kb = k[b0:b1].float().permute(1, 2, 0)  # [Hkv, d, B]
-        s = torch.bmm(qf, kb)  # [Hkv, g*c, B]
+        kb = k[b0:b1].float().contiguous()  # [B, Hkv, d]
+        pad = -(b1 - b0) % REF_COLUMNS  # zero keys, and every block in the same memory layout
+        kb = torch.nn.functional.pad(kb, (0, 0, 0, 0, 0, pad)) if pad else kb
+        s = torch.bmm(qf, kb.permute(1, 2, 0))[..., : b1 - b0]  # [Hkv, g*c, B]
         vs, ix = _block_topk(s, min(topk, b1 - b0))
         best_s, best_i = sort_topk(torch.cat([best_s, vs], -1), torch.cat([best_i, ix + b0], -1), topk)
     # [Hkv, g*c, topk] -> [c, H, topk], with h = kvh * g + gi

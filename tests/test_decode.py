@@ -7,17 +7,16 @@ same comparison runs with the graph captured and replayed.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_distributed import free_port
+from test_distributed import free_port, join
 from tiny_models import ARCHS, tiny_model
 
 from dist_reattn.config import ScopeConfig
 from dist_reattn.decode import GreedyDecoder, StaticStep, graph_reason
-from dist_reattn.distributed import init_from_env, shutdown
+from dist_reattn.distributed import shutdown
 from dist_reattn.engine import Engine
 from dist_reattn.models.adapter import ReAttnModel
 
@@ -143,10 +142,9 @@ def make(model, mode: str, comm=None) -> Engine:
 
 
 def _ranks_worker(rank: int, world: int, port: int, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    comm = init_from_env(timeout_s=120, backend="gloo")
+    comm = join(rank, world, port)
     out = {}
     try:
         for arch in ("llama", "gemma3_text"):
@@ -185,15 +183,8 @@ def test_static_step_on_ranks_equals_one_process(world, tmp_path):
 
 
 def _gpu_ranks_worker(rank: int, world: int, port: int, path: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
     torch.set_grad_enabled(False)
-    comm = init_from_env(timeout_s=120, backend="nccl")
+    comm = join(rank, world, port, backend="nccl")
     out = {}
     try:
         for arch in ("llama", "gemma3_text"):

@@ -76,7 +76,8 @@ def run_all(comm: Comm, layout: str = "sequence", archs=ARCHS, page: int = PAGE)
     return out
 
 
-def _worker(rank: int, world: int, port: int, path: str, layout: str, archs, page: int) -> None:
+def join(rank: int, world: int, port: int, backend: str = "gloo", timeout_s: float = 120) -> Comm:
+    """This spawned process as rank ``rank`` of ``world`` on one host (torchrun's variables), in its group."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -85,9 +86,13 @@ def _worker(rank: int, world: int, port: int, path: str, layout: str, archs, pag
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
     )
+    return init_from_env(timeout_s=timeout_s, backend=backend)
+
+
+def _worker(rank: int, world: int, port: int, path: str, layout: str, archs, page: int) -> None:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
-    comm = init_from_env(timeout_s=120, backend="gloo")
+    comm = join(rank, world, port)
     try:
         result = run_all(comm, layout, archs, page)
     finally:
@@ -167,8 +172,7 @@ def test_one_token_pages_split_sequence_groups(reference, tmp_path):
 
 
 def _hung_worker(rank: int, world: int, port: int, path: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    comm = init_from_env(timeout_s=3, backend="gloo")
+    comm = join(rank, world, port, timeout_s=3)
     if rank == 1:
         time.sleep(60)  # a hung rank: never enters the collective
     t0 = time.perf_counter()

@@ -92,6 +92,39 @@ def test_ref_matches_dense(case, ties):
         assert torch.equal(i.sort(-1).values, di.sort(-1).values)
 
 
+@pytest.mark.parametrize("c, H, Hkv, d", [(2, 9, 3, 64), (1, 6, 3, 16)])  # SmolLM2-like, a tiny decode
+@pytest.mark.parametrize("N, block", [(130, kmod.REF_BLOCK), (1000, 37), (4099, kmod.REF_BLOCK)])
+def test_ref_scores_a_key_the_same_anywhere(N, block, c, H, Hkv, d):
+    # Random fp32 keys (rounding depends on the summation order) with copies of one key at the first
+    # rows, the middle and the ragged tail: every copy must get the bit-identical score, and every
+    # key the same score whether scored over the whole range, a ragged sub-range, or the stripes
+    # each of P ranks holds with one-token pages. Otherwise two ranks could break a tie between
+    # copies by rounding instead of by index (it did, with MKL on AVX2, before the reference padded
+    # its GEMMs: REF_COLUMNS).
+    q, k = make(c, H, Hkv, d, N, torch.float32, False, seed=N)
+    copies = [0, 1, N // 2, N - 2, N - 1]
+    k[copies] = k[N // 3].clone()
+
+    def every_score(keys, lo, hi):  # [c, H, hi - lo], in row order
+        v, i = score_topk_ref(q, keys, lo, hi, hi - lo, block=block)
+        return torch.empty_like(v).scatter_(-1, i - lo, v)
+
+    whole = every_score(k, 0, N)
+    for j in copies:
+        assert torch.equal(whole[..., j], whole[..., N // 3]), j
+    for lo, hi in ((1, N - 1), (2, 130), (N - 64, N)):  # ragged, and a multiple of REF_COLUMNS
+        assert torch.equal(every_score(k, lo, hi), whole[..., lo:hi]), (lo, hi)
+    for world in (2, 3):
+        for rank in range(world):
+            shard = k[rank::world]
+            assert torch.equal(every_score(shard, 0, len(shard)), whole[..., rank::world]), (world, rank)
+    # ties keep the lower index: the copies come out in ascending order
+    _, i = score_topk_ref(q, k, 0, N, N, block=block)
+    same = sorted([*copies, N // 3])
+    picked = i[torch.isin(i, torch.tensor(same))].view(*i.shape[:2], len(same))
+    assert (picked == torch.tensor(same)).all()
+
+
 def rounding_bound(q, k, start, end):
     """``e``: a bound on ``|computed - exact|`` for any fp32 score of ``q`` against keys [start, end).
 
