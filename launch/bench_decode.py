@@ -79,9 +79,9 @@ def copy_rate(nbytes: int = 2 << 30, reps: int = 20) -> float:
 def token_bytes(engine: Engine, n: int, weight_bytes: int) -> int:
     """The bytes one decode token at ``n`` cached tokens must read on one rank: its share of the
     middle keys (scored) and of the scope's keys and values, each counted as 1/P rounded up plus one
-    page (exact for the middle, one run of pages; the scope's several runs can put up to a page per
-    run more on one rank, which this count leaves out: it stays a floor), every weight (each rank
-    runs the whole model)."""
+    page (the most any rank holds of the middle, one run of striped pages; the scope's several runs
+    can put up to a page per run more on one rank, which this count leaves out), every weight (each
+    rank runs the whole model)."""
     cfg, c = engine.scope, engine.cache
     layers, _, hkv, d = c.k.shape
     row = hkv * d * c.k.element_size()  # one token's K (or V) of one layer
