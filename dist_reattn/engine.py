@@ -157,7 +157,8 @@ class Engine:
         comm: collectives of the sequence-sharding group; ``Comm.single()`` for one process.
         page: cache page size in tokens.
         record_selection: keep every step's scope per layer in ``self.selections`` (with sequence
-            groups, the scopes of the chunks this rank attended).
+            groups, the scopes of the chunks this rank attended); only steps whose ``n`` (tokens in
+            the cache, the chunk included) is at least ``self.record_from`` (0: all).
         check_consensus: compare a checksum of every scope that all ranks compute across ranks;
             raise on disagreement.
         decode: with several ranks, how a decode step attends: ``lse`` (each rank attends over the
@@ -233,6 +234,7 @@ class Engine:
         self.n = 0
         self.record_selection, self.check_consensus = record_selection, check_consensus
         self.selections: list[tuple[int, int, torch.Tensor]] = []  # (layer, n incl. chunk, scope)
+        self.record_from = 0
         self._cos = self._sin = None
 
     def reset(self) -> None:
@@ -285,7 +287,7 @@ class Engine:
                 [chosen.numel(), int(chosen.sum()), int((chosen * chosen).sum())],
                 f"the scope of layer {layer} at n={n}",
             )
-        if self.record_selection:
+        if self.record_selection and n >= self.record_from:
             self.selections.append((layer, n, scope.selected().cpu()))
 
     def scope_kv(

@@ -252,3 +252,28 @@ def select_scope(
         empty = torch.zeros((0, m), dtype=torch.long, device=device)
         return Scope(empty, empty.bool(), empty)
     return select_from_candidates(*candidates, ends, cfg)
+
+
+def scope_recall(
+    selections: list[tuple[int, int, torch.Tensor]], n: int, tokens: list[int]
+) -> list[float] | None:
+    """How much of ``tokens`` the scopes of the step ending at ``n`` hold, per layer.
+
+    Args:
+        selections: an engine's ``(layer, n, scope tokens)`` records (``record_selection``).
+        n: the step's tokens in the cache, its chunk included.
+        tokens: global token indices to look for (an answer's tokens in the prompt).
+
+    Returns:
+        Per recorded layer, in layer order, the fraction of ``tokens`` in that layer's scope; None
+        when no scope of that step was recorded (it attended every token, or recorded nothing).
+    """
+    if not tokens:
+        raise ValueError("scope_recall needs at least one token to look for")
+    want = torch.tensor(sorted(set(tokens)), dtype=torch.long)
+    found = {
+        layer: torch.isin(want, scope.long()).sum().item() / len(want)
+        for layer, m, scope in selections
+        if m == n
+    }
+    return [found[layer] for layer in sorted(found)] or None

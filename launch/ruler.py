@@ -40,7 +40,8 @@ from dist_reattn.report.measure import TrialMeter, profile_line
 from dist_reattn.report.results import append_record, read_records
 from dist_reattn.report.ruler_report import plot_scores, summary_table
 from dist_reattn.runtime import build_engine, plan_resume, prepare, run_fields
-from dist_reattn.tasks.ruler import TASKS, build_sample, min_length, parse_tasks, score
+from dist_reattn.select import scope_recall
+from dist_reattn.tasks.ruler import TASKS, answer_tokens, build_sample, min_length, parse_tasks, score
 
 log = logging.getLogger("ruler")
 
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None = None):
         help="in-window length also run in full attention for every task (retention = score / its score); 'none' to skip",
     )
     p.add_argument("--max-new-tokens", type=int, default=None, help="instead of each task's RULER default")
+    p.add_argument(
+        "--recall",
+        action="store_true",
+        help="also record scope_recall: per retrieving layer, the fraction of the answer's tokens in the "
+        "scope that chose the first answer token (one process only)",
+    )
     p.add_argument("--out", default=None, help="output directory (default runs/ruler-<time>)")
     return parse_args_with_overrides(p, argv)
 
@@ -121,6 +128,8 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
             raise ConfigError(
                 f"--ceiling {ceiling} is beyond the model's window ({prep.spec.window}): give a length inside it"
             )
+        if args.recall and comm.world > 1:
+            raise ConfigError("--recall needs one process: the scopes are recorded by the rank that attends")
         tokenizer = load_tokenizer(prep.source)
         for task in tasks:
             for n, _ in cells:
@@ -138,6 +147,7 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
     out, todo = plan_resume(comm, args.out, wanted, record_key, lambda w: (w[0], w[1], w[3], w[2], args.seed))
     results = out / "results.jsonl"
 
+    cfg.debug.record_selection = args.recall
     engine = build_engine(cfg, prep, capacity, comm)
     meter = TrialMeter(engine)
     bar = tqdm(
@@ -149,6 +159,7 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
             sample_key = (task, n, i)
             sample = build_sample(tokenizer, task, n, seed=args.seed * 1_000_003 + i)
         engine.scope.mode = mode
+        engine.record_from = sample.prompt_tokens  # the step that picks the first answer token
         bar.set_description(f"{task} {mode} {format_count(n)}")
         meter.start()
         t0 = time.perf_counter()
@@ -159,6 +170,11 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
         measured = meter.finish(gen)
         answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         value = score(answer, sample.answers, sample.metric)
+        recall = {}
+        if args.recall:
+            recall["scope_recall"] = scope_recall(
+                engine.selections, sample.prompt_tokens, answer_tokens(tokenizer, sample)
+            )
         record = {
             "task": task,
             "len": n,
@@ -175,6 +191,7 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
             "ceiling_len": ceiling,
             **run_fields(cfg, prep, engine, comm, gen, seconds),
             **measured,
+            **recall,
         }
         if comm.rank == 0:
             append_record(results, record)

@@ -14,6 +14,7 @@ from dist_reattn.tasks.ruler import (
     NIAH_TASKS,
     TASKS,
     VT_INSTRUCTION,
+    answer_tokens,
     build_sample,
     min_length,
     score,
@@ -94,6 +95,32 @@ def test_niah_needles_keys_values_queries(samples, task):
         assert s.context.count("The grass is green.") == s.units
     if spec.haystack == "essay":
         assert "The grass is green" not in s.context and "Python" in s.context
+
+
+@pytest.mark.parametrize("task", [*NIAH_TASKS, "vt"])
+def test_answer_tokens_spell_every_occurrence(tokenizer, samples, task):
+    s = samples[task]
+    found = answer_tokens(tokenizer, s)
+    runs, run = [], [found[0]]
+    for i in found[1:]:  # split into runs of consecutive tokens, one per occurrence
+        if i == run[-1] + 1:
+            run.append(i)
+        else:
+            runs.append(run)
+            run = [i]
+    runs.append(run)
+    texts = [tokenizer.decode([s.input_ids[i] for i in r]) for r in runs]
+    occurrences = sum(s.context.count(a) for a in s.answers)
+    assert len(runs) == occurrences, texts  # vt: a name and its next hop never touch
+    assert all(any(a in x for a in s.answers) for x in texts), texts
+    # the tokens cover no more than the answer: without either end token, the answer is gone
+    assert all(
+        not any(a in tokenizer.decode([s.input_ids[i] for i in r[1:]]) for a in s.answers) for r in runs
+    )
+    assert all(
+        not any(a in tokenizer.decode([s.input_ids[i] for i in r[:-1]]) for a in s.answers) for r in runs
+    )
+    assert max(found) < s.prompt_tokens - len(tokenizer.encode(s.question, add_special_tokens=False))
 
 
 def test_vt_chain_resolves_to_the_answers(samples):
@@ -190,7 +217,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
     assert not (tmp_path / "o").exists()
 
 
-def test_short_run_writes_resumes_and_reports(tmp_path, capsys):
+def _tiny_shape(tmp_path) -> Path:
     shape = tmp_path / "shape"
     shape.mkdir()
     config = {
@@ -200,6 +227,11 @@ def test_short_run_writes_resumes_and_reports(tmp_path, capsys):
         "eos_token_id": 2, "bos_token_id": 1,
     }  # fmt: skip
     (shape / "config.json").write_text(json.dumps(config))
+    return shape
+
+
+def test_short_run_writes_resumes_and_reports(tmp_path, capsys):
+    shape = _tiny_shape(tmp_path)
     out = tmp_path / "run"
     args = ["--model", f"random:{shape}", "--tasks", "niah_single_1", "--len", "1000", "--ceiling", "800",
             "--mode", "reattention", "--scope.local=256", "--scope.chunk=128", "--max-new-tokens", "2",
@@ -220,6 +252,28 @@ def test_short_run_writes_resumes_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert launch.main([*args, "--samples", "1"]) == 0  # all recorded: nothing re-run
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
+
+
+def test_recall_counts_the_answer_in_each_layers_scope(tokenizer, tmp_path, capsys):
+    """--recall on a tiny model: a recall clip that covers the whole middle holds the needle in every
+    layer; streaming holds exactly the needle's tokens that fall in the sink or the local window."""
+    out, n = tmp_path / "run", 1000
+    args = ["--model", f"random:{_tiny_shape(tmp_path)}", "--tasks", "niah_single_1,niah_multivalue",
+            "--len", str(n), "--ceiling", "none", "--mode", "reattention,streaming,full", "--scope.local=256",
+            "--scope.chunk=128", "--max-new-tokens", "2", "--recall", "--out", str(out)]  # fmt: skip
+    assert _launch().main(args) == 0
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(records) == 6
+    for r in records:
+        sample = build_sample(tokenizer, r["task"], n, seed=0)
+        where = answer_tokens(tokenizer, sample)
+        kept = [i for i in where if i < 32 or i >= sample.prompt_tokens - 256]
+        want = {"reattention": [1.0, 1.0], "streaming": [len(kept) / len(where)] * 2, "full": None}
+        assert r["scope_recall"] == want[r["mode"]], (r["task"], r["mode"], r["scope_recall"])
+    assert any(
+        0 < r["scope_recall"][0] < 1 for r in records if r["mode"] == "streaming"
+    )  # not a trivial case
+    assert "| recall |" in (out / "table.md").read_text()
 
 
 def test_batch_tasks_carry_answers_and_score(tokenizer, tmp_path):

@@ -101,3 +101,19 @@ def test_widen_is_the_sorted_union_of_the_clipped_spans(span):
         )
         n = int(ok[b].sum())
         assert tokens[b, :n].tolist() == want and not ok[b, n:].any() and (tokens[b, n:] == 0).all()
+
+
+def test_scope_recall_per_layer_at_one_step():
+    from dist_reattn.select import scope_recall
+
+    t = torch.tensor
+    records = [
+        (1, 100, t([0, 1, 50, 51, 99])),
+        (0, 100, t([0, 1, 52, 99])),
+        (0, 101, t([50, 51, 52, 53])),  # another step: ignored
+    ]
+    assert scope_recall(records, 100, [50, 51, 52, 52]) == [1 / 3, 2 / 3]  # layer order, duplicates once
+    assert scope_recall(records, 101, [53]) == [1.0]
+    assert scope_recall(records, 102, [53]) is None  # nothing recorded: every token attended
+    with pytest.raises(ValueError, match="at least one token"):
+        scope_recall(records, 100, [])

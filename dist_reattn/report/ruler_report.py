@@ -46,6 +46,10 @@ def retention(records: list[dict], ceiling: int) -> dict[tuple[str, int, str], f
     return out
 
 
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _order(records: list[dict], field: str) -> list:
     return list(dict.fromkeys(r[field] for r in records))
 
@@ -54,7 +58,10 @@ def summary_table(records: list[dict], ceiling: int | None) -> str:
     """Markdown table: one row per task x length x mode, then the mean over tasks per length x mode.
 
     Columns: task, length, mode, score (mean x 100), samples, retention (score / the task's full
-    attention score at ``ceiling``; "-" where there is none), mean seconds per sample.
+    attention score at ``ceiling``; "-" where there is none), mean seconds per sample, and where
+    records carry ``scope_recall`` (``ruler.py --recall``) the mean over samples and layers of the
+    fraction of the answer's tokens in the scope that chose the first answer token ("-": no scope
+    recorded, every token attended).
 
     Args:
         records: RULER sample records.
@@ -68,12 +75,15 @@ def summary_table(records: list[dict], ceiling: int | None) -> str:
     cells = _cells(records)
     kept = retention(records, ceiling) if ceiling is not None else {}
     seconds: dict[tuple[str, int, str], list[float]] = defaultdict(list)
+    recall: dict[tuple[str, int, str], list[float]] = defaultdict(list)
     for r in records:
         if r.get("seconds") is not None:
             seconds[(r["task"], int(r["len"]), r["mode"])].append(float(r["seconds"]))
+        if r.get("scope_recall"):
+            recall[(r["task"], int(r["len"]), r["mode"])].append(_mean(r["scope_recall"]))
     tasks, modes = _order(records, "task"), _order(records, "mode")
     lengths = sorted({int(r["len"]) for r in records})
-    header = ["task", "len", "mode", "score", "n", "retention", "s/sample"]
+    header = ["task", "len", "mode", "score", "n", "retention", "s/sample"] + (["recall"] if recall else [])
     rows = []
     for task in tasks:
         for n in lengths:
@@ -92,6 +102,7 @@ def summary_table(records: list[dict], ceiling: int | None) -> str:
                         "-" if ret is None else f"{ret:.2f}",
                         "-" if sec is None else f"{sec:.1f}",
                     ]
+                    + ([_format(_mean(recall[(task, n, mode)]))] if recall else [])
                 )
     for n in lengths:
         for mode in modes:
@@ -109,6 +120,7 @@ def summary_table(records: list[dict], ceiling: int | None) -> str:
                         f"{sum(rets) / len(rets):.2f}" if rets else "-",
                         "",
                     ]
+                    + ([""] if recall else [])
                 )
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])

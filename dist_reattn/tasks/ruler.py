@@ -458,6 +458,29 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
 
+def answer_tokens(tokenizer, sample: RulerSample) -> list[int]:
+    """Indices into ``sample.input_ids`` of the tokens that spell the answers in the context.
+
+    Every occurrence of every answer string in the context counts (vt's variable names recur along
+    the chain). Needs a fast tokenizer (offsets); raises ValueError when its ids differ from the
+    sample's or when no answer occurs in the context.
+    """
+    head, _ = _template(tokenizer)
+    text = prompt_text(tokenizer, sample.context, sample.question, sample.answer_prefix)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    if list(enc["input_ids"]) != sample.input_ids:
+        raise ValueError("the tokenizer's offsets encoding differs from the sample's input_ids")
+    spans = [
+        (len(head) + m.start(), len(head) + m.end())
+        for a in sample.answers
+        for m in re.finditer(re.escape(a), sample.context)
+    ]
+    found = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if any(a < e and s < b for s, e in spans)]
+    if not found:
+        raise ValueError(f"no answer of the {sample.task} sample occurs in its context")
+    return found
+
+
 def check_task(name: str) -> TaskSpec:
     """The task's spec; raises ValueError naming the known tasks."""
     if name not in TASKS:
