@@ -110,8 +110,17 @@ def run_fields(cfg: Config, prep: Prepared, engine, comm: Comm, gen, seconds: fl
     }
 
 
+def resume_settings(cfg: Config, prep: Prepared) -> dict:
+    """The recorded fields that decide a run's answers: a results file resumes only under the same."""
+    return {
+        "model": cfg.model.path,
+        "dtype": str(prep.dtype).replace("torch.", ""),
+        **{f: getattr(cfg.scope, f) for f in SCOPE_RECORD_FIELDS},
+    }
+
+
 def plan_resume(
-    comm: Comm, out: str, wanted: list, key: Callable[[dict], tuple], item_key
+    comm: Comm, out: str, wanted: list, key: Callable[[dict], tuple], item_key, settings: dict | None = None
 ) -> tuple[Path, list]:
     """What is left to run, decided by rank 0 (it alone reads the results file) and shared with all.
 
@@ -121,20 +130,41 @@ def plan_resume(
         wanted: every item of the run, in order.
         key: a recorded line's key.
         item_key: an item's key, comparable with ``key``'s.
+        settings: recorded fields every earlier record must match (:func:`resume_settings`); a
+            record without a field is not checked on it.
 
     Returns:
         (output folder, the items of ``wanted`` with no record yet), the same on every rank.
+
+    Raises:
+        ConfigError: on every rank, when an earlier record was made with other settings.
     """
     plan = None
     if comm.rank == 0:
         folder = Path(out)
         folder.mkdir(parents=True, exist_ok=True)
-        done = {key(r) for r in read_records(folder / "results.jsonl")}
+        records = read_records(folder / "results.jsonl")
+        clash = next(
+            ((f, r[f], v) for r in records for f, v in (settings or {}).items() if f in r and r[f] != v),
+            None,
+        )
+        done = {key(r) for r in records}
         todo = [w for w in wanted if item_key(w) not in done]
-        if len(todo) < len(wanted):
+        if len(todo) < len(wanted) and clash is None:
             log.info(
                 f"resuming {folder / 'results.jsonl'}: {len(wanted) - len(todo)} trials already recorded"
             )
-        plan = (str(folder), todo)
-    folder, todo = comm.broadcast_object(plan)
+        error = None
+        if clash is not None:
+            f, was, now = clash
+            error = (
+                f"--out {folder} holds results made with {f}={was} (this run: {now}): "
+                "give another --out, or the same settings to resume"
+            )
+        plan = (str(folder), todo, error)
+    folder, todo, error = comm.broadcast_object(plan)
+    if error is not None:
+        from .config import ConfigError
+
+        raise ConfigError(error)
     return Path(folder), todo

@@ -38,7 +38,7 @@ from dist_reattn.models.load import load_tokenizer, resolve
 from dist_reattn.report.measure import TrialMeter, profile_line
 from dist_reattn.report.niah_plots import plot_heatmap, summary_table
 from dist_reattn.report.results import append_record, read_records
-from dist_reattn.runtime import build_engine, plan_resume, prepare, run_fields
+from dist_reattn.runtime import build_engine, plan_resume, prepare, resume_settings, run_fields
 from dist_reattn.tasks.niah import HAYSTACKS, build_sample, is_correct, min_length
 
 log = logging.getLogger("niah")
@@ -141,9 +141,17 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
     log.info(f"memory plan for {capacity} tokens on {comm.world} rank(s): {prep.plan.describe()}")
 
     wanted = [(n, d, t, m) for n in lengths for d in depths for t in range(args.trials) for m in modes]
-    out, todo = plan_resume(
-        comm, args.out, wanted, trial_key, lambda w: (w[3], w[0], round(w[1], 6), w[2], args.seed)
-    )
+    try:
+        out, todo = plan_resume(
+            comm,
+            args.out,
+            wanted,
+            trial_key,
+            lambda w: (w[3], w[0], round(w[1], 6), w[2], args.seed),
+            {**resume_settings(cfg, prep), "haystack": args.haystack},
+        )
+    except ConfigError as e:
+        return report(e, comm.rank)
     results = out / "results.jsonl"
 
     engine = build_engine(cfg, prep, capacity, comm)

@@ -39,7 +39,7 @@ from dist_reattn.models.load import load_tokenizer, resolve
 from dist_reattn.report.measure import TrialMeter, profile_line
 from dist_reattn.report.results import append_record, read_records
 from dist_reattn.report.ruler_report import plot_scores, summary_table
-from dist_reattn.runtime import build_engine, plan_resume, prepare, run_fields
+from dist_reattn.runtime import build_engine, plan_resume, prepare, resume_settings, run_fields
 from dist_reattn.select import scope_recall
 from dist_reattn.tasks.ruler import TASKS, answer_tokens, build_sample, min_length, parse_tasks, score
 
@@ -144,7 +144,11 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
     log.info(f"memory plan for {capacity} tokens on {comm.world} rank(s): {prep.plan.describe()}")
 
     wanted = [(t, n, i, m) for t in tasks for n, modes in cells for i in range(args.samples) for m in modes]
-    out, todo = plan_resume(comm, args.out, wanted, record_key, lambda w: (w[0], w[1], w[3], w[2], args.seed))
+    try:
+        item_key = lambda w: (w[0], w[1], w[3], w[2], args.seed)  # noqa: E731
+        out, todo = plan_resume(comm, args.out, wanted, record_key, item_key, resume_settings(cfg, prep))
+    except ConfigError as e:
+        return report(e, comm.rank)
     results = out / "results.jsonl"
 
     cfg.debug.record_selection = args.recall

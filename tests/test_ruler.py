@@ -252,6 +252,11 @@ def test_short_run_writes_resumes_and_reports(tmp_path, capsys):
     capsys.readouterr()
     assert launch.main([*args, "--samples", "1"]) == 0  # all recorded: nothing re-run
     assert len((out / "results.jsonl").read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert launch.main([*args, "--samples", "2", "--scope.topk=8"]) == 2  # other settings: not mixed in
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds results made with topk=4 (this run: 8)" in err[0], err
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2
 
 
 def test_recall_counts_the_answer_in_each_layers_scope(tokenizer, tmp_path, capsys):
