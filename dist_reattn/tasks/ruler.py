@@ -475,7 +475,8 @@ def answer_tokens(tokenizer, sample: RulerSample) -> list[int]:
         for a in sample.answers
         for m in re.finditer(re.escape(a), sample.context)
     ]
-    found = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if any(a < e and s < b for s, e in spans)]
+    offsets = enc["offset_mapping"]
+    found = [i for i, (c0, c1) in enumerate(offsets) if any(c0 < end and start < c1 for start, end in spans)]
     if not found:
         raise ValueError(f"no answer of the {sample.task} sample occurs in its context")
     return found
