@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -332,11 +333,26 @@ def spec_from_hf_config(cfg) -> ModelSpec:
 
 def load_spec(src: ModelSource) -> ModelSpec:
     """Reads only the model's config (no weights), for memory planning before the load."""
+    return spec_from_hf_config(_hf_config(src))
+
+
+_configs: dict[tuple, object] = {}
+
+
+def _hf_config(src: ModelSource):
+    """The model's HF config, read once per process and file version, as a copy.
+
+    A GGUF file's metadata (its whole vocabulary) takes seconds to parse; the spec, the memory plan
+    and the weights' load all need the config.
+    """
     from transformers import AutoConfig
 
     with _unreadable(src, "config"):
-        config = AutoConfig.from_pretrained(src.directory, **src.kwargs())
-    return spec_from_hf_config(config)
+        stat = (src.directory / (src.gguf_file or "config.json")).stat()
+        key = (src, stat.st_mtime_ns, stat.st_size)
+        if key not in _configs:
+            _configs[key] = AutoConfig.from_pretrained(src.directory, **src.kwargs())
+    return copy.deepcopy(_configs[key])
 
 
 @contextlib.contextmanager
@@ -407,7 +423,9 @@ def load_model(src: ModelSource, dtype: torch.dtype, device: torch.device):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model.eval()
     with _unreadable(src, "weights"):  # a corrupt weights file is bad input, not a crash
-        model = AutoModelForCausalLM.from_pretrained(src.directory, dtype=dtype, **src.kwargs())
+        model = AutoModelForCausalLM.from_pretrained(
+            src.directory, config=_hf_config(src), dtype=dtype, **src.kwargs()
+        )
     check_arch(model.config.model_type)
     quantizer = getattr(model, "hf_quantizer", None)
     if src.gguf_file and quantizer is not None and all(p.dtype.is_floating_point for p in model.parameters()):
