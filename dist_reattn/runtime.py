@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
 from .distributed import Comm
 from .engine import Engine
 from .models.load import ModelSource, load_model, load_spec, resolve
@@ -27,8 +27,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        from .config import ConfigError
-
         raise ConfigError("model.device=cuda but no CUDA GPU is visible; use --model.device=cpu")
     return torch.device(name)
 
@@ -164,7 +162,5 @@ def plan_resume(
         plan = (str(folder), todo, error)
     folder, todo, error = comm.broadcast_object(plan)
     if error is not None:
-        from .config import ConfigError
-
         raise ConfigError(error)
     return Path(folder), todo

@@ -145,8 +145,14 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
 
     wanted = [(t, n, i, m) for t in tasks for n, modes in cells for i in range(args.samples) for m in modes]
     try:
-        item_key = lambda w: (w[0], w[1], w[3], w[2], args.seed)  # noqa: E731
-        out, todo = plan_resume(comm, args.out, wanted, record_key, item_key, resume_settings(cfg, prep))
+        out, todo = plan_resume(
+            comm,
+            args.out,
+            wanted,
+            record_key,
+            lambda w: (w[0], w[1], w[3], w[2], args.seed),
+            resume_settings(cfg, prep),
+        )
     except ConfigError as e:
         return report(e, comm.rank)
     results = out / "results.jsonl"
@@ -157,11 +163,12 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
     bar = tqdm(
         total=sum(n for _, n, *_ in todo), unit="tok", unit_scale=True, disable=comm.rank != 0, smoothing=0.1
     )
-    sample_key, sample = None, None
+    sample_key, sample, where = None, None, None
     for task, n, i, mode in todo:
         if sample_key != (task, n, i):
             sample_key = (task, n, i)
             sample = build_sample(tokenizer, task, n, seed=args.seed * 1_000_003 + i)
+            where = answer_tokens(tokenizer, sample) if args.recall else None  # once for every mode
         engine.scope.mode = mode
         engine.record_from = sample.prompt_tokens  # the step that picks the first answer token
         bar.set_description(f"{task} {mode} {format_count(n)}")
@@ -174,11 +181,9 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
         measured = meter.finish(gen)
         answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         value = score(answer, sample.answers, sample.metric)
-        recall = {}
-        if args.recall:
-            recall["scope_recall"] = scope_recall(
-                engine.selections, sample.prompt_tokens, answer_tokens(tokenizer, sample)
-            )
+        recall = (
+            {"scope_recall": scope_recall(engine.selections, sample.prompt_tokens, where)} if where else {}
+        )
         record = {
             "task": task,
             "len": n,

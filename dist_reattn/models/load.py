@@ -414,9 +414,7 @@ def load_model(src: ModelSource, dtype: torch.dtype, device: torch.device):
 
     hf_logging.disable_progress_bar()
     if src.random_weights:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(src.directory)
+        config = _hf_config(src)
         check_arch(config.model_type)
         torch.manual_seed(0)  # the same weights on every rank and every run
         with torch.device(device):  # initialized where it runs: an 8B model in seconds on a GPU

@@ -99,7 +99,7 @@ def summary_table(records: list[dict], ceiling: int | None) -> str:
                         mode,
                         f"{100 * _mean(s):.1f}",
                         str(len(s)),
-                        "-" if ret is None else f"{ret:.2f}",
+                        _format(ret),
                         "-" if sec is None else f"{sec:.1f}",
                     ]
                     + ([_format(_mean(recall[(task, n, mode)]))] if recall else [])
