@@ -139,7 +139,7 @@ class Window:
     reaches every rank anyway (for the owners' appends), and writing it here too costs a copy. Only
     the selected middle tokens then cross the network. A ring of ``size`` rows holds token ``g`` at
     row ``g % size``; it must cover the local window of every chunk of a step (``sink + local +``
-    the most tokens of a step). With one rank the cache itself holds every token and nothing is copied.
+    the most tokens of a step, from the engine's :class:`~dist_reattn.config.ScopeLimits`). With one rank the cache itself holds every token and nothing is copied.
 
     Shapes: ``ring_k``, ``ring_v`` ``[layers, size, Hkv, d]``; ``sink_k``, ``sink_v`` ``[layers, sink, Hkv, d]``.
     """
@@ -195,11 +195,11 @@ class Window:
         rows = tokens % self.size
         return self.ring_k[layer, rows], self.ring_v[layer, rows]
 
-    def read_sink(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V ``[sink, Hkv, d]`` of tokens ``[0, sink)``."""
+    def read_sink(self, layer: int, sink: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V ``[sink, Hkv, d]`` of tokens ``[0, sink)``, ``sink`` at most the window's."""
         if self.sink_k is None:
-            return self.cache.k[layer, : self.sink], self.cache.v[layer, : self.sink]
-        return self.sink_k[layer], self.sink_v[layer]
+            return self.cache.k[layer, :sink], self.cache.v[layer, :sink]
+        return self.sink_k[layer, :sink], self.sink_v[layer, :sink]
 
 
 def window_size(sink: int, local: int, step: int) -> int:

@@ -35,8 +35,11 @@ class ModelConfig:
     """``auto`` (the local GPU when there is one, else CPU), ``cpu`` or ``cuda``."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ScopeConfig:
+    """How one sequence is read. Frozen: a variant is ``dataclasses.replace(scope, local=8192)``, and
+    an engine serves it per call within the :class:`ScopeLimits` it was built for."""
+
     mode: str = "reattention"
     """``reattention`` (sink + retrieved + local), ``streaming`` (sink + local) or ``full`` (everything)."""
     sink: int = 32
@@ -92,6 +95,43 @@ class ScopeConfig:
     def max_scope(self) -> int:
         """Upper bound on the scope length of one step (sink + clipped spans + local)."""
         return self.sink + self.recall_clip * self.span + self.local
+
+
+@dataclass(frozen=True)
+class ScopeLimits:
+    """The widest scope an engine serves, fixed when it is built: the replicated window of recent
+    tokens (several ranks) holds ``sink + local + chunk * slab`` rows, and a step at most
+    ``chunk * slab`` tokens. Every call's scope is checked against these, on any number of ranks."""
+
+    sink: int
+    local: int
+    chunk: int
+    slab: int
+    """Chunks per forward, resolved for the device (never 0)."""
+
+    @classmethod
+    def of(cls, scopes, device_type: str) -> ScopeLimits:
+        """The limits that serve every scope of ``scopes`` on a ``cuda`` or ``cpu`` device."""
+        scopes = list(scopes)
+        return cls(
+            max(s.sink for s in scopes),
+            max(s.local for s in scopes),
+            max(s.chunk for s in scopes),
+            max(s.slab_on(device_type) for s in scopes),
+        )
+
+    def check(self, scope: ScopeConfig, device_type: str) -> ScopeConfig:
+        """``scope``, validated; a ConfigError naming the first limit it exceeds, if any."""
+        scope.validate()
+        wanted = {"sink": scope.sink, "local": scope.local, "chunk": scope.chunk}
+        wanted["slab"] = scope.slab_on(device_type)
+        for name, value in wanted.items():
+            if value > getattr(self, name):
+                raise ConfigError(
+                    f"scope.{name}={value} is above this engine's limit {name}={getattr(self, name)}, fixed "
+                    f"when it was built: build it for the wider scope, e.g. dist_reattn.load(..., scope={{'{name}': {value}}})"
+                )
+        return scope
 
 
 @dataclass
@@ -218,7 +258,11 @@ def _set(cfg: Config, dotted: str, value) -> None:
     fields = {f.name: f for f in dataclasses.fields(sec)}
     if name not in fields:
         raise ConfigError(f"unknown field {dotted!r}; {section} has {', '.join(fields)}")
-    setattr(sec, name, _coerce(value, fields[name].type, dotted))
+    value = _coerce(value, fields[name].type, dotted)
+    if type(sec).__dataclass_params__.frozen:  # the scope section: a new value, never a mutation
+        setattr(cfg, section, dataclasses.replace(sec, **{name: value}))
+    else:
+        setattr(sec, name, value)
 
 
 def apply_dict(cfg: Config, data: dict, source: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from . import exchange
 from .attention import merge_partials, partial_attention, scope_attention
 from .cache import KVCache, Window
-from .config import ScopeConfig
+from .config import ScopeConfig, ScopeLimits
 from .decode import Decoded, GreedyDecoder, graph_reason
 from .distributed import Comm
 from .exchange import Part
@@ -152,8 +152,12 @@ class Engine:
 
     Args:
         model: the adapted HF model (tensor-parallel or whole on every rank).
-        scope: the scope section of the config (mode, sink, local, topk, span, recall_clip, chunk).
+        scope: the scope of a sequence whose call names none (mode, sink, local, topk, span,
+            recall_clip, chunk, slab).
         capacity: most tokens one sequence may hold (prompt + generated).
+        limits: the widest scope any call may ask for (default: ``scope``'s); the replicated window
+            and the step size are sized from it, once. ``self.scope`` is the scope in force for the
+            current sequence, set by :meth:`reset` from the call's checked argument.
         comm: collectives of the sequence-sharding group; ``Comm.single()`` for one process.
         page: cache page size in tokens.
         record_selection: keep every step's scope per layer in ``self.selections`` (with sequence
@@ -182,9 +186,11 @@ class Engine:
         check_consensus: bool = False,
         decode: str = "lse",
         graph: bool = True,
+        limits: ScopeLimits | None = None,
     ):
-        scope.validate()
-        self.model, self.scope, self.capacity = model, scope, capacity
+        self.limits = limits or ScopeLimits.of([scope], model.device.type)
+        self.default_scope = self.limits.check(scope, model.device.type)
+        self.model, self.scope, self.capacity = model, self.default_scope, capacity
         self.comm = comm or Comm.single()
         s = model.spec
         # The cache keeps the layers that see every token; sliding-window layers (Gemma3's local
@@ -201,8 +207,9 @@ class Engine:
             self.comm.world,
             page,
         )
-        self.max_step = scope.chunk * scope.slab_on(model.device.type)
-        self.window = Window(self.cache, scope.sink, scope.local, self.max_step)
+        lim = self.limits
+        self.max_step = lim.chunk * lim.slab
+        self.window = Window(self.cache, lim.sink, lim.local, self.max_step)
         # The query and KV heads this rank attends with: all, or its tensor-parallel share.
         self.q_heads = self.kv_heads = slice(None)
         self.kv_layout = None  # every rank's (first, count) KV heads under tensor parallelism
@@ -221,7 +228,7 @@ class Engine:
                 s.sliding_window,
                 kv_heads,
                 s.head_dim,
-                scope.chunk,
+                lim.chunk,
                 model.dtype,
                 model.device,
                 lambda positions: model.rope(positions, sliding=True),
@@ -237,8 +244,10 @@ class Engine:
         self.record_from = 0
         self._cos = self._sin = None
 
-    def reset(self) -> None:
-        """Forgets the current sequence (the cache memory is kept)."""
+    def reset(self, scope: ScopeConfig | None = None) -> None:
+        """Forgets the current sequence (the cache memory is kept) and starts one read with ``scope``
+        (default: the engine's); a scope beyond :attr:`limits` is refused (ConfigError), never served."""
+        self.scope = self.default_scope if scope is None else self.limits.check(scope, self.model.device.type)
         self.n = self.window.n = 0
         self.selections.clear()
         self.profile.reset()
@@ -305,7 +314,7 @@ class Engine:
         B, M = scope.tokens.shape
         t = M - cfg.sink - cfg.local  # selected entries (0 in streaming)
         with self.profile.phase("kv_fetch"):
-            sk, sv = w.read_sink(layer)
+            sk, sv = w.read_sink(layer, cfg.sink)
             lk, lv = w.read(layer, scope.tokens[:, M - cfg.local :])
             parts_k = [sk[None, :, self.kv_heads].expand(B, -1, -1, -1)]
             parts_v = [sv[None, :, self.kv_heads].expand(B, -1, -1, -1)]
@@ -418,7 +427,7 @@ class Engine:
         part = Part.of_step(c, self.scope.chunk, comm.rank, comm.world, self.splits_steps())
         if comm.world > 1 and c > self.max_step:  # the replicated window holds one step's tokens
             raise RuntimeError(
-                f"a step of {c} tokens > scope.chunk x slab = {self.max_step} with several ranks"
+                f"a step of {c} tokens > the limits' chunk x slab = {self.max_step} with several ranks"
             )
         self.profile.begin(stage)
         a, b = part.span()
@@ -456,10 +465,15 @@ class Engine:
         ids: torch.Tensor | list[int],
         max_new_tokens: int,
         on_chunk: Callable[[int], None] | None = None,
+        scope: ScopeConfig | None = None,
     ) -> Generation:
-        """Greedy generation after a chunked prefill; stops at EOS or ``max_new_tokens``."""
+        """Greedy generation after a chunked prefill; stops at EOS or ``max_new_tokens``.
+
+        Args:
+            scope: this sequence's scope (default: the engine's), within :attr:`limits`.
+        """
         ids = torch.as_tensor(ids, dtype=torch.long)
-        self.reset()
+        self.reset(scope)
         sync = torch.cuda.synchronize if self.model.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
         logits = self.prefill(ids, on_chunk)

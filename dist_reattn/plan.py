@@ -8,6 +8,7 @@ layers: all but the sliding-window ones); with several ranks each also keeps the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -146,6 +147,20 @@ def plan_for_scope(
         slab=scope.slab_on(device.type),
         sink=scope.sink,
         local=scope.local,
+    )
+
+
+def widest(scopes, device_type: str) -> ScopeConfig:
+    """One scope at least as demanding as each of ``scopes`` in every planned field (sink, local,
+    chunk, slab, spans; ``full`` if any is): an engine built for it serves each of them, and its
+    memory plan bounds each one's."""
+    scopes = list(scopes)
+    fields = ("sink", "local", "chunk", "topk", "span", "recall_clip")
+    return dataclasses.replace(
+        scopes[0],
+        **{f: max(getattr(s, f) for s in scopes) for f in fields},
+        slab=max(s.slab_on(device_type) for s in scopes),
+        mode="full" if any(s.mode == "full" for s in scopes) else scopes[0].mode,
     )
 
 

@@ -12,7 +12,6 @@ Any config field can be overridden: ``--scope.topk=8``, ``--model.dtype=bf16``.
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import logging
@@ -124,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 def run(args, cfg, lengths, depths, modes, comm) -> int:
     try:
         capacity = max(lengths) + args.max_new_tokens
-        plan_cfg = copy.deepcopy(cfg)
-        plan_cfg.scope.mode = "full" if "full" in modes else modes[0]
-        prep = prepare(plan_cfg, capacity, comm)
+        plan_mode = "full" if "full" in modes else modes[0]  # the widest: the plan bounds every mode
+        prep = prepare(
+            dataclasses.replace(cfg, scope=dataclasses.replace(cfg.scope, mode=plan_mode)), capacity, comm
+        )
         tokenizer = load_tokenizer(prep.source)
         shortest = min_length(tokenizer, args.haystack)
         if min(lengths) < shortest:
@@ -166,11 +166,15 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
             sample = build_sample(
                 tokenizer, n, depth, seed=args.seed * 1_000_003 + trial, haystack=args.haystack
             )
-        engine.scope.mode = mode
         bar.set_description(f"{mode} {format_count(n)} depth {depth}")
         meter.start()
         t0 = time.perf_counter()
-        gen = engine.generate(sample.input_ids, args.max_new_tokens, on_chunk=bar.update)
+        gen = engine.generate(
+            sample.input_ids,
+            args.max_new_tokens,
+            on_chunk=bar.update,
+            scope=dataclasses.replace(cfg.scope, mode=mode),
+        )
         seconds = time.perf_counter() - t0
         measured = meter.finish(gen)
         answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)

@@ -15,7 +15,6 @@ the table. Any config field can be overridden: ``--scope.topk=8``, ``--model.dty
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import logging
 import sys
@@ -121,9 +120,12 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
     try:
         longest, modes_there = cells[-1]
         capacity = longest + (args.max_new_tokens or 0)
-        plan_cfg = copy.deepcopy(cfg)
-        plan_cfg.scope.mode = "full" if "full" in modes_there else modes_there[0]
-        prep = prepare(plan_cfg, capacity, comm)
+        plan_mode = (
+            "full" if "full" in modes_there else modes_there[0]
+        )  # the widest: the plan bounds every mode
+        prep = prepare(
+            dataclasses.replace(cfg, scope=dataclasses.replace(cfg.scope, mode=plan_mode)), capacity, comm
+        )
         if ceiling is not None and ceiling > prep.spec.window:
             raise ConfigError(
                 f"--ceiling {ceiling} is beyond the model's window ({prep.spec.window}): give a length inside it"
@@ -169,13 +171,15 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
             sample_key = (task, n, i)
             sample = build_sample(tokenizer, task, n, seed=args.seed * 1_000_003 + i)
             where = answer_tokens(tokenizer, sample) if args.recall else None  # once for every mode
-        engine.scope.mode = mode
         engine.record_from = sample.prompt_tokens  # the step that picks the first answer token
         bar.set_description(f"{task} {mode} {format_count(n)}")
         meter.start()
         t0 = time.perf_counter()
         gen = engine.generate(
-            sample.input_ids, args.max_new_tokens or sample.max_new_tokens, on_chunk=bar.update
+            sample.input_ids,
+            args.max_new_tokens or sample.max_new_tokens,
+            on_chunk=bar.update,
+            scope=dataclasses.replace(cfg.scope, mode=mode),
         )
         seconds = time.perf_counter() - t0
         measured = meter.finish(gen)

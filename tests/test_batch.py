@@ -381,3 +381,46 @@ def test_two_nodes_give_the_same_answers_as_one_node(model_dir, reference, tmp_p
     assert [r["id"] for r in a] == [r["id"] for r in b] == ["t0", "t1", "t2"]  # one writer: no duplicates
     assert [r["answer"] for r in a] == [r["answer"] for r in b] == [reference[r["id"]] for r in a]
     assert {r["world"] for r in a + b} == {4}
+
+
+def _batch_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    assert batch.main(argv) == 0
+
+
+def test_a_task_with_a_wider_scope_gets_the_same_answer_on_two_ranks(model_dir, tmp_path):
+    # Issue #26: the job's scope (local 128) sized the replicated window of recent tokens; a task
+    # that raises scope.local past it must not read stale ring rows on two ranks. ~500-token prompts
+    # run retrieval past sink + 320; the ring of an engine built for local 128 holds 4 + 128 + 64.
+    import torch.multiprocessing as mp
+
+    lines = [
+        {"id": "base", "context": context(5, words=400), "question": "What is item 5?", "max_new_tokens": 8},
+        {
+            "id": "wide",
+            "context": context(6, words=400),
+            "question": "What is item 6?",
+            "max_new_tokens": 8,
+            "overrides": {"scope.local": 320},
+        },
+    ]
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    one, two = tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    assert run_main(*cmd(model_dir, tasks, one)) == 0
+    mp.spawn(_batch_rank, args=(2, _free_port(), cmd(model_dir, tasks, two)), nprocs=2, join=True)
+    a, b = records(one), records(two)
+    assert [(r["id"], r["local"], r["world"]) for r in a] == [("base", 128, 1), ("wide", 320, 1)]
+    assert [(r["id"], r["local"], r["world"]) for r in b] == [("base", 128, 2), ("wide", 320, 2)]
+    assert a[1]["prompt_tokens"] > 4 + 320 + 64  # past sink + local: the wide task retrieves
+    assert [r["answer"] for r in b] == [r["answer"] for r in a]

@@ -160,3 +160,27 @@ def test_slab_of_chunks_equals_chunk_by_chunk(arch_models, mode):
     # the slab ran fewer forwards over the same chunks
     assert p4["prefill"]["steps"] == -(-N // 64) and p1["prefill"]["steps"] == -(-N // 16)
     assert p4["prefill"]["layer_steps"] == p1["prefill"]["layer_steps"]
+
+
+def test_a_call_scope_is_served_within_the_limits_and_refused_beyond(arch_models):
+    # Issue #26: an engine's limits (the widest sink, local, chunk and slab) are fixed at build; a
+    # call's scope within them reads what an engine built for that scope reads, one beyond them is
+    # refused with one line naming the limit (never served from a window sized for less).
+    import dataclasses
+
+    from dist_reattn.config import ConfigError, ScopeLimits
+
+    _, ours, ids, _, _ = arch_models
+    narrow = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=5)
+    wide = dataclasses.replace(narrow, sink=8, local=64, slab=2)
+    built = Engine(ours, narrow, N + 8, limits=ScopeLimits.of([narrow, wide], "cpu"))
+    assert built.generate(ids, 4, scope=wide).tokens == Engine(ours, wide, N + 8).generate(ids, 4).tokens
+    assert built.generate(ids, 4).tokens == Engine(ours, narrow, N + 8).generate(ids, 4).tokens
+    small = Engine(ours, narrow, N + 8)
+    for field, value in (("sink", 8), ("local", 64), ("chunk", 32), ("slab", 2)):
+        with pytest.raises(ConfigError) as e:
+            small.generate(ids, 4, scope=dataclasses.replace(narrow, **{field: value}))
+        msg = str(e.value)
+        assert "\n" not in msg and f"limit {field}=" in msg, msg
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        small.scope.local = 64

@@ -49,7 +49,9 @@ def test_retrieval_finds_a_needle_outside_the_local_window(smollm2):
         last = engine.selections[-1][2]
         assert last.numel() <= 8 + 32 * 32 + 512
     assert found == 2
-    engine.scope.mode = "streaming"
     sample = build_sample(tok, 3000, 0.5, seed=2)
-    answer = tok.decode(engine.generate(sample.input_ids, 12).tokens, skip_special_tokens=True)
+    streaming = ScopeConfig(mode="streaming", **small)  # the same engine, another scope for this call
+    answer = tok.decode(
+        engine.generate(sample.input_ids, 12, scope=streaming).tokens, skip_special_tokens=True
+    )
     assert not is_correct(answer, sample), "streaming should not see a needle outside sink + local"

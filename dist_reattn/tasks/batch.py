@@ -28,7 +28,6 @@ ranks receive the plan through one ``broadcast_object`` and run the same engine 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -45,7 +44,7 @@ from ..config import Config, ConfigError, ScopeConfig, apply_dict
 from ..distributed import Comm
 from ..models.load import load_spec, load_tokenizer, resolve
 from ..models.spec import ModelSpec
-from ..plan import MemoryPlan, plan_for_scope
+from ..plan import MemoryPlan, plan_for_scope, widest
 from ..report.results import append_record, read_records
 from ..runtime import Prepared, build_engine, pick_device, pick_dtype, prepare, sequence_fields
 
@@ -107,7 +106,8 @@ class BatchPlan:
     Attributes:
         todo: tasks to run, in file order.
         capacity: cache rows for the longest task (0 when there is nothing to run).
-        plan_scope: the most demanding scope among ``todo``, for the memory plan.
+        plan_scope: a scope as wide as every one of ``todo`` (:func:`~dist_reattn.plan.widest`): the
+            engine is built for it (every task's scope within its limits) and memory planned with it.
         skipped: tasks already in the output (answered or errored by an earlier run).
         errors: error records of this run (tasks' own faults), written once the job is accepted.
         total: task lines in the file (blank lines excluded).
@@ -162,7 +162,7 @@ def task_scope(base: Config, overrides: object) -> ScopeConfig:
         overrides: ``{"scope.topk": 8, ...}`` (dotted) or ``{"scope": {"topk": 8}}`` (nested).
     """
     if overrides is None:
-        return copy.deepcopy(base.scope)
+        return base.scope
     if not isinstance(overrides, dict):
         raise ConfigError(f"overrides must be an object like {{'scope.topk': 8}}, got {overrides!r}")
     nested: dict[str, dict] = {}
@@ -180,7 +180,7 @@ def task_scope(base: Config, overrides: object) -> ScopeConfig:
                 )
             # As text, so the config's own parser checks it: 8.5 or true for an int field is refused.
             nested.setdefault("scope", {})[field] = v if isinstance(v, str) else json.dumps(v)
-    cfg = Config(scope=copy.deepcopy(base.scope))
+    cfg = Config(scope=base.scope)
     apply_dict(cfg, nested, "overrides")
     cfg.scope.validate()
     return cfg.scope
@@ -317,13 +317,9 @@ def read_tasks(
             )
         todo.append(task)
     capacity = max((t.tokens for t in todo), default=0)
-    # One cache serves every task: planned for the scope that needs most at the longest task's size
-    # (conservative where a short task has the widest scope, as launch/niah.py plans for "full").
-    plan_scope = max(
-        (t.scope for t in todo),
-        key=lambda s: target.plan(s, capacity, world, cfg.cache.page).total,
-        default=None,
-    )
+    # One engine serves every task: built for, and planned at the longest task's size with, a scope
+    # as wide as the widest task's in every field (conservative where a short task is the widest).
+    plan_scope = widest((t.scope for t in todo), target.device.type) if todo else None
     return BatchPlan(todo, capacity, plan_scope, skipped, errors, total, records)
 
 
@@ -390,10 +386,8 @@ def plan_job(
         raise ConfigError(plan)
     prep = refusal = None
     if plan.todo:
-        plan_cfg = copy.deepcopy(cfg)
-        plan_cfg.scope = plan.plan_scope
         try:
-            prep = prepare(plan_cfg, plan.capacity, comm)
+            prep = prepare(dataclasses.replace(cfg, scope=plan.plan_scope), plan.capacity, comm)
         except ConfigError as e:
             refusal = str(e)
         # Memory differs per rank: one rank's refusal must stop every rank, not leave them waiting.
@@ -433,7 +427,7 @@ def run_tasks(
     tokenizer = load_tokenizer(prep.source) if comm.rank == 0 else None
     bar = None
     try:
-        engine = build_engine(cfg, prep, plan.capacity, comm)
+        engine = build_engine(dataclasses.replace(cfg, scope=plan.plan_scope), prep, plan.capacity, comm)
         bar = tqdm(
             total=sum(len(t.input_ids) for t in plan.todo),
             unit="tok",
@@ -444,9 +438,8 @@ def run_tasks(
         for i, task in enumerate(plan.todo):
             outcome.abandoned = task.id
             bar.set_description(f"task {i + 1}/{len(plan.todo)}")
-            engine.scope = task.scope
             t0 = time.perf_counter()
-            gen = engine.generate(task.input_ids, task.max_new_tokens, on_chunk=bar.update)
+            gen = engine.generate(task.input_ids, task.max_new_tokens, on_chunk=bar.update, scope=task.scope)
             seconds = time.perf_counter() - t0
             record = None
             with _SIGTERM.held():
