@@ -45,6 +45,8 @@ from ..distributed import Comm
 from ..models.load import load_spec, load_tokenizer, resolve
 from ..models.spec import ModelSpec
 from ..plan import MemoryPlan, plan_for_scope, widest
+from ..prompt import encode as _encode
+from ..prompt import user_turn
 from ..report.results import append_record, read_records
 from ..runtime import Prepared, build_engine, pick_device, pick_dtype, prepare, sequence_fields
 
@@ -52,7 +54,6 @@ log = logging.getLogger(__name__)
 
 TASK_KEYS = {"id", "context", "context_file", "question", "max_new_tokens", "overrides", "meta"}
 SCOPE_FIELDS = tuple(f.name for f in dataclasses.fields(ScopeConfig))
-_CONTEXT_MARKER = "<<BATCH-CONTEXT>>"
 _LINE_ID = re.compile(r"^line:\d+$")
 
 
@@ -139,20 +140,8 @@ def prompt_parts(tokenizer, question: str) -> tuple[list[int], list[int]]:
     The user message is ``context + "\\n\\n" + question``; the context is tokenized on its own, so a
     long document is tokenized once and never re-tokenized inside the template.
     """
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": f"{_CONTEXT_MARKER}\n\n{question}"}],
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    if text.count(_CONTEXT_MARKER) != 1:
-        raise ValueError("the chat template must render the user message verbatim, exactly once")
-    head, tail = text.split(_CONTEXT_MARKER)
-    return _encode(tokenizer, head), _encode(tokenizer, tail)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    # verbose=False: a document longer than the tokenizer's model_max_length is the point here.
-    return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
+    head, tail = user_turn(tokenizer)
+    return _encode(tokenizer, head), _encode(tokenizer, f"\n\n{question}{tail}")
 
 
 def task_scope(base: Config, overrides: object) -> ScopeConfig:

@@ -24,6 +24,9 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
+from ..prompt import encode as _encode
+from ..prompt import user_turn
+
 HAYSTACKS = ("noise", "prose")
 
 # RULER's "noise" haystack: the same five sentences over and over.
@@ -41,7 +44,6 @@ NEEDLE_TEMPLATE = "The special magic number is: {}."
 # The prompt may fall short of the requested length by less than one filler sentence.
 MAX_SHORTFALL = 8
 
-_CONTEXT_MARKER = "<<NIAH-CONTEXT>>"
 _PROBE_NEEDLE = "7777777"  # a stand-in of the needle's shape, for length accounting
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[\"(A-Z])")
 
@@ -65,20 +67,12 @@ class NiahSample:
     length: int
 
 
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 def _prompt_ids(tokenizer) -> tuple[list[int], list[int]]:
     """Token ids before and after the context: (template + instruction, question + answer prefix)."""
-    content = f"{INSTRUCTION}\n{_CONTEXT_MARKER}\n{QUESTION}"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    head, tail = user_turn(tokenizer)
+    return _encode(tokenizer, f"{head}{INSTRUCTION}\n"), _encode(
+        tokenizer, f"\n{QUESTION}{tail}{ANSWER_PREFIX}"
     )
-    if text.count(_CONTEXT_MARKER) != 1:
-        raise ValueError("the chat template must render the user message verbatim, exactly once")
-    head, tail = text.split(_CONTEXT_MARKER)
-    return _encode(tokenizer, head), _encode(tokenizer, tail + ANSWER_PREFIX)
 
 
 @functools.cache

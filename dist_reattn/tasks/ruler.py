@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from ..config import ConfigError
+from ..prompt import encode as _encode
+from ..prompt import user_turn
 from .niah import NOISE_TEXT, PROSE_FILE
 
 TOLERANCE = 0.01  # prompt + tokens to generate within this fraction of the target, never above it
@@ -433,29 +435,10 @@ def _min_units(spec: TaskSpec) -> int:
 # --- prompts and the length search ------------------------------------------------------------
 
 
-_MARKER = "<<RULER-USER>>"
-
-
-@functools.cache
-def _template(tokenizer) -> tuple[str, str]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": _MARKER}], tokenize=False, add_generation_prompt=True
-    )
-    if text.count(_MARKER) != 1:
-        raise ValueError("the chat template must render the user message verbatim, exactly once")
-    head, tail = text.split(_MARKER)
-    return head, tail
-
-
 def prompt_text(tokenizer, context: str, question: str, answer_prefix: str) -> str:
     """The whole prompt as text: chat template around ``context\\nquestion``, then the answer prefix."""
-    head, tail = _template(tokenizer)
+    head, tail = user_turn(tokenizer)
     return f"{head}{context}\n{question}{tail}{answer_prefix}"
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    # verbose=False: prompts longer than the tokenizer's model_max_length are the point here.
-    return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
 
 
 def answer_tokens(tokenizer, sample: RulerSample) -> list[int]:
@@ -465,7 +448,7 @@ def answer_tokens(tokenizer, sample: RulerSample) -> list[int]:
     the chain). Needs a fast tokenizer (offsets); raises ValueError when its ids differ from the
     sample's or when no answer occurs in the context.
     """
-    head, _ = _template(tokenizer)
+    head, _ = user_turn(tokenizer)
     text = prompt_text(tokenizer, sample.context, sample.question, sample.answer_prefix)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     if list(enc["input_ids"]) != sample.input_ids:
