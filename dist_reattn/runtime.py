@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,34 +87,6 @@ def new_engine(cfg: Config, model, capacity: int, comm: Comm) -> Engine:
 
 
 SCOPE_RECORD_FIELDS = ("sink", "local", "topk", "span", "recall_clip", "chunk")
-
-
-def sequence_fields(
-    gen, seconds: float, scope, scope_fields, cfg: Config, prep: Prepared, world: int
-) -> dict:
-    """What every record of a generated sequence carries: timings, the scope fields named, model, placement."""
-    return {
-        "seconds": round(seconds, 3),
-        "prefill_seconds": round(gen.prefill_seconds, 3),
-        "decode_seconds": round(gen.decode_seconds, 3),
-        "prefill_tok_s": round(gen.prefill_tok_s, 1),
-        **{f: getattr(scope, f) for f in scope_fields},
-        "model": cfg.model.path,
-        "device": str(prep.device),
-        "dtype": str(prep.dtype).replace("torch.", ""),
-        "world": world,
-    }
-
-
-def run_fields(cfg: Config, prep: Prepared, engine, comm: Comm, gen, seconds: float) -> dict:
-    """The fields every launch script records per generated sequence: timings, scope, model, placement."""
-    return {
-        **sequence_fields(gen, seconds, cfg.scope, SCOPE_RECORD_FIELDS, cfg, prep, comm.world),
-        "tensor_parallel": engine.model.tensor_parallel,
-        "layout": cfg.parallel.layout if comm.world > 1 else "single",
-        "decode": cfg.parallel.decode,
-        "memory_plan": dataclasses.asdict(prep.plan),
-    }
 
 
 def resume_settings(cfg: Config, prep: Prepared) -> dict:

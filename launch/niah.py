@@ -34,11 +34,12 @@ from dist_reattn.config import (
 )
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.models.load import load_tokenizer, resolve
-from dist_reattn.report.measure import TrialMeter, profile_line
+from dist_reattn.report.measure import profile_line
 from dist_reattn.report.niah_plots import plot_heatmap, summary_table
 from dist_reattn.report.results import append_record, read_records
-from dist_reattn.runtime import build_engine, plan_resume, prepare, resume_settings, run_fields
+from dist_reattn.runtime import build_engine, plan_resume, prepare, resume_settings
 from dist_reattn.tasks.niah import HAYSTACKS, build_sample, is_correct, min_length
+from dist_reattn.trial import Harness
 
 log = logging.getLogger("niah")
 
@@ -155,7 +156,7 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
     results = out / "results.jsonl"
 
     engine = build_engine(cfg, prep, capacity, comm)
-    meter = TrialMeter(engine)
+    harness = Harness(engine, cfg, prep)
     bar = tqdm(
         total=sum(n for n, *_ in todo), unit="tok", unit_scale=True, disable=comm.rank != 0, smoothing=0.1
     )
@@ -167,19 +168,10 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
                 tokenizer, n, depth, seed=args.seed * 1_000_003 + trial, haystack=args.haystack
             )
         bar.set_description(f"{mode} {format_count(n)} depth {depth}")
-        meter.start()
-        t0 = time.perf_counter()
-        gen = engine.generate(
-            sample.input_ids,
-            args.max_new_tokens,
-            on_chunk=bar.update,
-            scope=dataclasses.replace(cfg.scope, mode=mode),
-        )
-        seconds = time.perf_counter() - t0
-        measured = meter.finish(gen)
+        scope = dataclasses.replace(cfg.scope, mode=mode)
+        gen, measured = harness.run(sample.input_ids, args.max_new_tokens, scope, on_chunk=bar.update)
         answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         record = {
-            "mode": mode,
             "len": sample.length,
             "target_len": n,
             "depth": depth,
@@ -189,8 +181,7 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
             "correct": is_correct(answer, sample),
             "answer": answer,
             "haystack": args.haystack,
-            **run_fields(cfg, prep, engine, comm, gen, seconds),
-            **measured,
+            **measured.as_dict(),
         }
         if comm.rank == 0:
             append_record(results, record)
@@ -198,8 +189,8 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
         bar.update(n - sample.length)  # the bar counts requested lengths; prompts may be a few tokens short
         bar.write(
             f"{mode:12s} len {sample.length:>8d} depth {depth:.2f}: {'OK ' if record['correct'] else 'MISS'} "
-            f"{answer.strip()[:40]!r} (needle {sample.needle}, {seconds:.1f} s, "
-            f"{gen.prefill_tok_s:.0f} tok/s prefill, {measured['decode_ms_per_token']:.1f} ms/token decode)\n"
+            f"{answer.strip()[:40]!r} (needle {sample.needle}, {measured.seconds:.1f} s, "
+            f"{gen.prefill_tok_s:.0f} tok/s prefill, {measured.decode_ms_per_token:.1f} ms/token decode)\n"
             f"    {profile_line(gen.profile)}"
         )
     bar.close()

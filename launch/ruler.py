@@ -35,12 +35,13 @@ from dist_reattn.config import (
 )
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.models.load import load_tokenizer, resolve
-from dist_reattn.report.measure import TrialMeter, profile_line
+from dist_reattn.report.measure import profile_line
 from dist_reattn.report.results import append_record, read_records
 from dist_reattn.report.ruler_report import plot_scores, summary_table
-from dist_reattn.runtime import build_engine, plan_resume, prepare, resume_settings, run_fields
+from dist_reattn.runtime import build_engine, plan_resume, prepare, resume_settings
 from dist_reattn.select import scope_recall
 from dist_reattn.tasks.ruler import TASKS, answer_tokens, build_sample, min_length, parse_tasks, score
+from dist_reattn.trial import Harness
 
 log = logging.getLogger("ruler")
 
@@ -161,7 +162,7 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
 
     cfg.debug.record_selection = args.recall
     engine = build_engine(cfg, prep, capacity, comm)
-    meter = TrialMeter(engine)
+    harness = Harness(engine, cfg, prep)
     bar = tqdm(
         total=sum(n for _, n, *_ in todo), unit="tok", unit_scale=True, disable=comm.rank != 0, smoothing=0.1
     )
@@ -173,16 +174,9 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
             where = answer_tokens(tokenizer, sample) if args.recall else None  # once for every mode
         engine.record_from = sample.prompt_tokens  # the step that picks the first answer token
         bar.set_description(f"{task} {mode} {format_count(n)}")
-        meter.start()
-        t0 = time.perf_counter()
-        gen = engine.generate(
-            sample.input_ids,
-            args.max_new_tokens or sample.max_new_tokens,
-            on_chunk=bar.update,
-            scope=dataclasses.replace(cfg.scope, mode=mode),
-        )
-        seconds = time.perf_counter() - t0
-        measured = meter.finish(gen)
+        new = args.max_new_tokens or sample.max_new_tokens
+        scope = dataclasses.replace(cfg.scope, mode=mode)
+        gen, measured = harness.run(sample.input_ids, new, scope, on_chunk=bar.update)
         answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         value = score(answer, sample.answers, sample.metric)
         recall = (
@@ -191,19 +185,16 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
         record = {
             "task": task,
             "len": n,
-            "mode": mode,
             "sample": i,
             "seed": args.seed,
             "score": value,
             "metric": sample.metric,
             "answers": sample.answers,
             "answer": answer,
-            "prompt_tokens": sample.prompt_tokens,
             "haystack_units": sample.units,
-            "max_new_tokens": args.max_new_tokens or sample.max_new_tokens,
+            "max_new_tokens": new,
             "ceiling_len": ceiling,
-            **run_fields(cfg, prep, engine, comm, gen, seconds),
-            **measured,
+            **measured.as_dict(),
             **recall,
         }
         if comm.rank == 0:
@@ -211,7 +202,7 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
         bar.update(n - sample.prompt_tokens)  # the bar counts requested lengths
         bar.write(
             f"{task:16s} {mode:12s} len {format_count(n):>5s}: score {value:.2f} {answer.strip()[:60]!r} "
-            f"(want {', '.join(sample.answers)[:60]}; {seconds:.1f} s, {gen.prefill_tok_s:.0f} tok/s prefill)\n"
+            f"(want {', '.join(sample.answers)[:60]}; {measured.seconds:.1f} s, {gen.prefill_tok_s:.0f} tok/s prefill)\n"
             f"    {profile_line(gen.profile)}"
         )
     bar.close()

@@ -46,7 +46,8 @@ class TrialMeter:
             self.sampler.start()
 
     def finish(self, gen: Generation) -> dict:
-        """Record fields; rank 0's own numbers at the top level, every rank's under ``ranks``."""
+        """The measured fields of a :class:`~dist_reattn.trial.Trial` (documented there): this rank's
+        own numbers at the top level, every rank's under ``ranks``."""
         comm = self.engine.comm
         telemetry = (
             self.sampler.stop() if self.sampler else {"gpu": None, "note": "no GPU telemetry: CPU run"}

@@ -12,11 +12,12 @@ refused. Only the ``scope`` section may vary per task: the model, its dtype and 
 fixed by the one load.
 
 Output file (JSONL, one record per task, appended with a single write each, see
-:mod:`dist_reattn.report.results`): an answer record (``id``, ``answer``, ``prompt_tokens``,
-``new_tokens``, timings, the scope settings used, ``model``, ``world``, ...) or an error record
-``{"id", "line", "error"}``; a line with no usable id is named ``line:N`` (its 1-based line number).
-Both kinds count as done: a resumed job skips every id already in the output, so a bad line is
-reported once and never retried in a loop (fix it and delete its record, or give it a new id).
+:mod:`dist_reattn.report.results`): an answer record (``id``, ``line``, ``answer``, then the
+fields of a :class:`~dist_reattn.trial.Trial`: tokens, timings, the scope used, placement,
+measures) or an error record ``{"id", "line", "error"}``; a line with no usable id is named
+``line:N`` (its 1-based line number). Both kinds count as done: a resumed job skips every id
+already in the output, so a bad line is reported once and never retried in a loop (fix it and
+delete its record, or give it a new id).
 Only a task's own fault becomes an error record. What depends on the run (a task that does not fit
 this run's memory: dtype, ranks, what is free right now) refuses the whole job before any task runs
 and before any record is written, so the same command runs it once memory allows.
@@ -33,7 +34,6 @@ import json
 import logging
 import re
 import signal
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,12 +48,12 @@ from ..plan import MemoryPlan, plan_for_scope, widest
 from ..prompt import encode as _encode
 from ..prompt import user_turn
 from ..report.results import append_record, read_records
-from ..runtime import Prepared, build_engine, pick_device, pick_dtype, prepare, sequence_fields
+from ..runtime import Prepared, build_engine, pick_device, pick_dtype, prepare
+from ..trial import Harness, Trial
 
 log = logging.getLogger(__name__)
 
 TASK_KEYS = {"id", "context", "context_file", "question", "max_new_tokens", "overrides", "meta"}
-SCOPE_FIELDS = tuple(f.name for f in dataclasses.fields(ScopeConfig))
 _LINE_ID = re.compile(r"^line:\d+$")
 
 
@@ -312,18 +312,9 @@ def read_tasks(
     return BatchPlan(todo, capacity, plan_scope, skipped, errors, total, records)
 
 
-def answer_record(
-    task: Task, answer: str, gen, seconds: float, cfg: Config, prep: Prepared, world: int
-) -> dict:
-    """The output line of an answered task."""
-    record = {
-        "id": task.id,
-        "line": task.line,
-        "answer": answer,
-        "prompt_tokens": gen.prompt_tokens,
-        "new_tokens": len(gen.tokens),
-        **sequence_fields(gen, seconds, task.scope, SCOPE_FIELDS, cfg, prep, world),
-    }
+def answer_record(task: Task, answer: str, trial: Trial) -> dict:
+    """The output line of an answered task: its id, line and answer, then the trial's fields."""
+    record = {"id": task.id, "line": task.line, "answer": answer, **trial.as_dict()}
     if task.meta is not None:
         record["meta"] = task.meta
     return record
@@ -417,6 +408,7 @@ def run_tasks(
     bar = None
     try:
         engine = build_engine(dataclasses.replace(cfg, scope=plan.plan_scope), prep, plan.capacity, comm)
+        harness = Harness(engine, cfg, prep)
         bar = tqdm(
             total=sum(len(t.input_ids) for t in plan.todo),
             unit="tok",
@@ -427,14 +419,12 @@ def run_tasks(
         for i, task in enumerate(plan.todo):
             outcome.abandoned = task.id
             bar.set_description(f"task {i + 1}/{len(plan.todo)}")
-            t0 = time.perf_counter()
-            gen = engine.generate(task.input_ids, task.max_new_tokens, on_chunk=bar.update, scope=task.scope)
-            seconds = time.perf_counter() - t0
+            gen, measured = harness.run(task.input_ids, task.max_new_tokens, task.scope, on_chunk=bar.update)
             record = None
             with _SIGTERM.held():
                 if comm.rank == 0:
                     answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
-                    record = answer_record(task, answer, gen, seconds, cfg, prep, comm.world)
+                    record = answer_record(task, answer, measured)
                     append_record(out, record)
                 outcome.answered += 1
                 outcome.abandoned = None
