@@ -15,6 +15,9 @@ from pathlib import Path
 import yaml
 
 MODES = ("reattention", "streaming", "full")
+# What the retrieval's top-k ranks the middle keys by (ScopeConfig.select; docs/DESIGN.md section 2).
+SELECTIONS = ("paper", "qkv", "qkv2", "qk_pe")
+SCORE_NORMS = {"qkv": 1, "qkv2": 2}  # selections that score keys weighted by this norm of their value
 # Presets ship inside the package as dist_reattn/configs (pyproject.toml maps the top-level configs/
 # there); an editable checkout has them at the top level only.
 _HERE = Path(__file__).resolve().parent
@@ -51,6 +54,12 @@ class ScopeConfig:
     """R: at most R distinct hits are kept, by vote count."""
     chunk: int = 512
     """C: prefill chunk length in tokens."""
+    select: str = "paper"
+    """What the top-k ranks the middle keys by: ``paper`` (``q . k`` on un-rotated vectors: exactly the
+    paper's selection), ``qkv`` / ``qkv2`` (each key weighted by the L1 / L2 norm of its value: the
+    paper's ablations; the cache keeps the weighted keys too, +50% KV memory), ``qk_pe`` (``q . k``
+    with RoPE at a fixed relative distance of ``local`` tokens, the nearest a selected token can be).
+    Votes, clip, spans and attention are the same for all."""
     slab: int = 0
     """Prefill chunks per model forward (0: 16 on a GPU, 1 on a CPU). Norms, projections and MLPs run
     once over the slab and the retrieval and attention of its chunks run batched; every chunk still
@@ -59,6 +68,10 @@ class ScopeConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"scope.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.select not in SELECTIONS:
+            raise ConfigError(
+                f"scope.select={self.select!r} is not one of {', '.join(SELECTIONS)} (paper: the paper's selection)"
+            )
         for name in ("sink", "topk", "recall_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"scope.{name}={getattr(self, name)} must be >= 0")

@@ -16,13 +16,13 @@ import torch
 from . import exchange
 from .attention import merge_partials, partial_attention, scope_attention
 from .cache import KVCache, Window
-from .config import ScopeConfig
+from .config import SCORE_NORMS, ScopeConfig
 from .decode import Decoded, GreedyDecoder, graph_reason
 from .distributed import Comm
 from .exchange import Part
 from .models.adapter import ReAttnModel
 from .profile import Profile
-from .select import Scope, retrieves, score_chunks, select_scope
+from .select import Scope, Scoring, retrieves, score_chunks, select_scope
 from .sliding import SlidingLayers
 
 
@@ -200,6 +200,7 @@ class Engine:
             self.comm.rank,
             self.comm.world,
             page,
+            score_norm=SCORE_NORMS.get(scope.select, 0),
         )
         self.max_step = scope.chunk * scope.slab_on(model.device.type)
         self.window = Window(self.cache, scope.sink, scope.local, self.max_step)
@@ -235,7 +236,11 @@ class Engine:
         self.record_selection, self.check_consensus = record_selection, check_consensus
         self.selections: list[tuple[int, int, torch.Tensor]] = []  # (layer, n incl. chunk, scope)
         self.record_from = 0
+        self.probe: Callable | None = None
+        """Called as ``probe(engine, layer, q, n)`` before every retrieval's scoring (one process:
+        :class:`~dist_reattn.probe.SelectionProbe`); ``q`` and ``n`` as in :meth:`scopes_for`."""
         self._cos = self._sin = None
+        self.scoring = Scoring.of(scope, self.rope_table)
 
     def reset(self) -> None:
         """Forgets the current sequence (the cache memory is kept)."""
@@ -269,8 +274,11 @@ class Engine:
         B, c = q.shape[:2]
         candidates = None
         if retrieves(cfg):
+            if self.probe is not None:
+                self.probe(self, layer, q, n)
             with self.profile.phase("scoring"):
-                scores, index = score_chunks(q, self.cache, layer, [n + b * c for b in range(B)], cfg)
+                ends = [n + b * c for b in range(B)]
+                scores, index = score_chunks(q, self.cache, layer, ends, cfg, self.scoring)
             candidates = exchange.route_candidates(self.comm, per_rank, scores, index)  # [P, B_mine, c, H, k]
         with self.profile.phase("selection"):
             scope = select_scope(cfg, n + b0 * c, c, b1 - b0, candidates, q.device)

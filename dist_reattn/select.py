@@ -11,9 +11,39 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import apply_rope
 from .cache import KVCache
 from .config import ScopeConfig
 from .kernels import score_topk, score_topk_ref, sort_topk, supports
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What the retrieval's top-k ranks middle keys by (``scope.select``), for prefill and decode alike.
+
+    ``paper``, ``qkv`` and ``qkv2`` score the query against the cache's score keys (``KVCache.score_k``:
+    the keys, or the keys weighted by their value's norm); ``qk_pe`` rotates the query by RoPE at
+    the fixed distance ``local`` first, which equals scoring both after RoPE at positions that
+    distance apart (``R(p)q . R(p - r)k = R(r)q . k``).
+
+    Attributes:
+        cos, sin: ``[d]`` the rotation of the query (``qk_pe``), or None.
+    """
+
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    @staticmethod
+    def of(cfg: ScopeConfig, rope) -> Scoring:
+        """The scoring of ``cfg.select``; ``rope(m)`` gives the model's cos, sin ``[m, d]`` for positions ``0..m-1``."""
+        if cfg.select != "qk_pe":
+            return Scoring()
+        cos, sin = rope(cfg.local + 1)
+        return Scoring(cos[cfg.local], sin[cfg.local])
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """The queries ``[..., d]`` as scored."""
+        return q if self.cos is None else apply_rope(q, self.cos.to(q.dtype), self.sin.to(q.dtype))
 
 
 def local_topk(
@@ -36,20 +66,30 @@ def local_topk(
 
 
 def score_chunks(
-    q: torch.Tensor, cache: KVCache, layer: int, ends: list[int], cfg: ScopeConfig
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    ends: list[int] | torch.Tensor,
+    cfg: ScopeConfig,
+    scoring: Scoring = Scoring(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's exact top-k of each chunk's queries over its own middle tokens.
+    """This rank's exact top-k of each chunk's queries over its own middle tokens, under ``scoring``.
 
     Args:
         q: ``[B, c, H, d]`` un-rotated queries of every head, chunk b ending at ``ends[b]``.
+        ends: ints, or a ``[1]`` device tensor for one chunk (graph decode: nothing read on the host).
 
     Returns:
         ``(scores, index)``, ``[B, c, H, topk]``: fp32 scores and global token indices (-1 padding).
     """
+    q = scoring.query(q)
     found = []
-    for b, end in enumerate(ends):
-        lo, hi = cache.local_rows(cfg.sink, end - cfg.local)
-        found.append(local_topk(q[b], cache.k[layer], lo, hi, cfg.topk))
+    for b in range(q.shape[0]):
+        if isinstance(ends, torch.Tensor):  # the kernel reads its end row on the device
+            lo, hi = cache.local_count(cfg.sink), cache.local_count_at(ends - cfg.local)
+        else:
+            lo, hi = cache.local_rows(cfg.sink, ends[b] - cfg.local)
+        found.append(local_topk(q[b], cache.score_k[layer], lo, hi, cfg.topk))
     scores = torch.stack([f[0] for f in found])
     return scores, cache.to_global(torch.stack([f[1] for f in found]))
 
@@ -223,16 +263,19 @@ def retrieves(cfg: ScopeConfig) -> bool:
 
 def select_scope(
     cfg: ScopeConfig,
-    n: int,
+    n: int | torch.Tensor,
     c: int,
     batch: int,
     candidates: tuple[torch.Tensor, torch.Tensor] | None,
     device: torch.device,
 ) -> Scope:
-    """The scopes of a batch of chunks past the plain prefix: the one seam every mode goes through.
+    """The scopes of a batch of chunks past the plain prefix: the one seam every mode and every step
+    (prefill, plain decode, graph decode) goes through.
 
     Args:
         n: tokens in the cache at the end of the batch's first chunk; chunk b ends at ``n + b * c``.
+            A ``[1]`` device tensor for one chunk (graph decode): then every shape is fixed and
+            nothing is read on the host.
         candidates: ``(scores, index)`` ``[P, batch, c, H, k]`` of every rank, or None for a mode
             that retrieves nothing (:func:`retrieves`): then the scope is ``[sink ; local]``.
 
@@ -241,6 +284,9 @@ def select_scope(
     """
     # (an int end is never copied to the device: that copy would wait for it)
     ends = n if batch == 1 else n + c * torch.arange(batch, device=device)
+    if candidates is None and isinstance(n, torch.Tensor):  # with validity and positions, as a retrieval's
+        none = torch.zeros((batch, 0), dtype=torch.long, device=device)
+        return scope_of(ends, cfg, none, none.bool())
     if candidates is None:
         if batch == 1:
             local = torch.arange(n - cfg.local, n, device=device)[None]
