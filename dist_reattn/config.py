@@ -90,7 +90,7 @@ class ScopeConfig:
                 f"scope.sink={self.sink} is above scope.local={self.local}: the sink is a few first tokens "
                 f"(paper: 32), the local window the recent context; lower --scope.sink or raise --scope.local"
             )
-        from .kernels.score_topk import MAX_TOPK  # here, not at import: it brings torch and triton
+        from .kernels import MAX_TOPK  # here, not at import: it brings torch and triton
 
         if self.topk > MAX_TOPK:
             raise ConfigError(
