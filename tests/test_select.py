@@ -117,3 +117,62 @@ def test_scope_recall_per_layer_at_one_step():
     assert scope_recall(records, 102, [53]) is None  # nothing recorded: every token attended
     with pytest.raises(ValueError, match="at least one token"):
         scope_recall(records, 100, [])
+
+
+def _rope(d: int, m: int, theta: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's rotary tables ``[m, d]`` for positions ``0..m-1``."""
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).double() / d)
+    angles = torch.arange(m).double()[:, None] * inv[None]
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+@pytest.mark.parametrize("select", ["qkv", "qkv2", "qk_pe"])
+@pytest.mark.parametrize("world,page", [(1, 1), (3, 2)])
+def test_scoring_variants_match_brute_force(select, world, page):
+    """Each ``scope.select`` against the same brute force over its own definition: keys weighted by
+    their value's norm, or both sides rotated at positions ``local`` apart (here at an arbitrary
+    query position, so the rotated-query shortcut is checked, not assumed)."""
+    from dist_reattn.attention import apply_rope
+    from dist_reattn.select import Scoring, score_chunks
+
+    gen = torch.Generator().manual_seed(7)
+    c, H, Hkv, d, n = 2, 4, 2, 8, 140
+    q, k, v = (
+        torch.randn(c, H, d, generator=gen),
+        torch.randn(n, Hkv, d, generator=gen),
+        torch.randn(n, Hkv, d, generator=gen),
+    )
+    # Values whose norms vary a lot, so that weighting changes the winners.
+    v = v * torch.rand(n, Hkv, 1, generator=gen) * 4
+    cfg = ScopeConfig(sink=3, local=20, chunk=2, topk=2, span=3, recall_clip=5, select=select)
+    cos, sin = _rope(d, 1000)
+    if select == "qk_pe":
+        p = 700  # any query position: R(p) q . R(p - local) k
+        qb, kb = apply_rope(q, cos[p], sin[p]), apply_rope(k, cos[p - cfg.local], sin[p - cfg.local])
+    else:
+        norm = torch.linalg.vector_norm(v, 1 if select == "qkv" else 2, dim=-1, keepdim=True)
+        qb, kb = q, k * norm
+    expect = brute_force_scope(qb, kb, n, cfg)
+    scoring = Scoring.of(cfg, lambda m: (cos[:m], sin[:m]))
+    all_s, all_i = [], []
+    for rank in range(world):
+        cache = KVCache(
+            1,
+            Hkv,
+            d,
+            n,
+            k.dtype,
+            k.device,
+            rank,
+            world,
+            page,
+            score_norm={"qkv": 1, "qkv2": 2}.get(select, 0),
+        )
+        cache.append(0, 0, k, v)
+        s, i = score_chunks(q[None], cache, 0, [n], cfg, scoring)
+        all_s.append(s)
+        all_i.append(i)
+    scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), n, cfg)
+    assert scope.row(0).selected().tolist() == expect
+    assert expect != brute_force_scope(q, k, n, cfg)  # the variant chose otherwise than the paper here
