@@ -9,6 +9,11 @@ at the fixed distance ``local``) and records the rank of the best *target* key: 
 answer. Rank 0 is the top; a rank below ``topk`` means the last token's own top-k already brings
 the answer into scope. Ties count in the target's favour (rank = keys scoring strictly higher).
 
+A block scoring is ranked as well, for the block-selection candidates (InfLLM's representative keys,
+MoBA's mean-pooled blocks): ``block_mean`` scores each aligned block of ``span`` middle keys by the
+query against the block's mean key, and records the rank of the best block holding an answer token
+among the blocks (rank < topk: the answer's block would be among the top-k blocks).
+
 One process only (the whole cache is this rank's); the scores are computed in fp32 from the cache.
 """
 
@@ -44,7 +49,8 @@ class SelectionProbe:
     def __init__(self, n_last: int, answer: list[int], scope: ScopeConfig, selections=SELECTIONS):
         self.n_last, self.scope, self.selections = n_last, scope, tuple(selections)
         self.targets = torch.tensor(span_targets(answer, scope.span), dtype=torch.long)
-        self.ranks: dict[str, list[list[int] | None]] = {s: [] for s in self.selections}
+        self.answer = torch.tensor(sorted(set(answer)), dtype=torch.long)
+        self.ranks: dict[str, list[list[int] | None]] = {s: [] for s in (*self.selections, "block_mean")}
         self.middle = 0
 
     def __call__(self, engine, layer: int, q: torch.Tensor, n: int) -> None:
@@ -60,24 +66,35 @@ class SelectionProbe:
         keys = cache.k[layer, lo:hi].float()  # [N, Hkv, d]
         values = cache.v[layer, lo:hi].float()
         t = self.targets[(self.targets >= lo) & (self.targets < hi)].to(keys.device) - lo
+        if t.numel() == 0:  # the answer is in the sink or the local window
+            for ranks in self.ranks.values():
+                ranks.append(None)
+            return
         for name in self.selections:
-            if t.numel() == 0:
-                self.ranks[name].append(None)
-                continue
             k = keys
             if name in SCORE_NORMS:
                 k = keys * torch.linalg.vector_norm(values, SCORE_NORMS[name], dim=-1, keepdim=True)
             query = Scoring.of(replace(cfg, select=name), engine.rope_table).query(q[b, -1].float())  # [H, d]
-            group = query.shape[0] // k.shape[1]
-            s = torch.einsum("hgd,nhd->hgn", query.unflatten(0, (-1, group)), k).flatten(0, 1)  # [H, N]
-            best = s[:, t].amax(dim=1, keepdim=True)  # [H, 1]
-            self.ranks[name].append((s > best).sum(dim=1).tolist())
+            self.ranks[name].append(_rank(_scores(query, k), t))
+        # block_mean: aligned blocks of span keys (a ragged last block averages what it has)
+        blocks = -(-(hi - lo) // cfg.span)
+        block_of = torch.arange(hi - lo, device=keys.device) // cfg.span  # [N]
+        sums = keys.new_zeros((blocks, *keys.shape[1:])).index_add_(0, block_of, keys)
+        means = sums / torch.bincount(block_of, minlength=blocks)[:, None, None]  # [blocks, Hkv, d]
+        a = self.answer[(self.answer >= lo) & (self.answer < hi)].to(keys.device) - lo
+        if a.numel() == 0:
+            self.ranks["block_mean"].append(None)
+        else:
+            self.ranks["block_mean"].append(_rank(_scores(q[b, -1].float(), means), block_of[a].unique()))
 
 
-def summarize(ranks: list[list[int] | None], topk: int) -> dict:
-    """Per-sample summary of one scoring's ranks: hit fraction (rank < topk) over (layer, head), median."""
-    flat = [r for layer in ranks if layer is not None for r in layer]
-    if not flat:
-        return {"hit": None, "median": None}
-    t = torch.tensor(flat, dtype=torch.float64)
-    return {"hit": round(float((t < topk).double().mean()), 4), "median": float(t.median())}
+def _scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``[H, N]`` scores of ``query [H, d]`` against ``keys [N, Hkv, d]`` (query head h reads KV head h // group)."""
+    group = query.shape[0] // keys.shape[1]
+    return torch.einsum("hgd,nhd->hgn", query.unflatten(0, (-1, group)), keys).flatten(0, 1)
+
+
+def _rank(scores: torch.Tensor, targets: torch.Tensor) -> list[int]:
+    """Per row of ``scores [H, N]``: how many entries score strictly above the best of ``targets``."""
+    best = scores[:, targets].amax(dim=1, keepdim=True)  # [H, 1]
+    return (scores > best).sum(dim=1).tolist()
