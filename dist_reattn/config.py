@@ -60,6 +60,11 @@ class ScopeConfig:
     paper's ablations; the cache keeps the weighted keys too, +50% KV memory), ``qk_pe`` (``q . k``
     with RoPE at a fixed relative distance of ``local`` tokens, the nearest a selected token can be).
     Votes, clip, spans and attention are the same for all."""
+    heads: str = ""
+    """A JSON file naming the retrieval heads per retrieving layer (made from the selection probe:
+    ``python -m dist_reattn.report.selection_report ... --heads-out FILE``): their top-k picks
+    outvote every other head's, so they fill the recall clip first. Empty: every head votes alike
+    (the paper)."""
     slab: int = 0
     """Prefill chunks per model forward (0: 16 on a GPU, 1 on a CPU). Norms, projections and MLPs run
     once over the slab and the retrieval and attention of its chunks run batched; every chunk still
@@ -68,6 +73,11 @@ class ScopeConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"scope.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.heads and not Path(self.heads).is_file():
+            raise ConfigError(
+                f"scope.heads={self.heads!r} is not a file: give a retrieval-heads JSON "
+                f"(selection_report --heads-out), or leave it empty"
+            )
         if self.select not in SELECTIONS:
             raise ConfigError(
                 f"scope.select={self.select!r} is not one of {', '.join(SELECTIONS)} (paper: the paper's selection)"

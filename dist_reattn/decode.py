@@ -70,6 +70,7 @@ def select_attend(
     scaling: float,
     cfg: ScopeConfig,
     owner: tuple[int, int, int],
+    heads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode token's scope, and its attention over the scope tokens this rank holds: fixed
     shapes, nothing read on the host.
@@ -82,13 +83,14 @@ def select_attend(
         cache_k, cache_v: ``[N_local, Hkv, d]`` this rank's cache of one layer.
         cos, sin: ``[>= M, d]`` rotary tables for scope positions.
         owner: ``(rank, world, page)`` of the cache: each rank attends over the scope tokens it owns.
+        heads: ``[H]`` bool, the layer's retrieval heads (``scope.heads``), or None.
 
     Returns:
         ``(out [H, d], lse [H])`` fp32, :func:`~dist_reattn.attention.partial_attention`'s partials
         (with one rank, ``out`` is the attention output).
     """
     rank, world, page = owner
-    scope = select_scope(cfg, n, 1, 1, candidates, q.device)
+    scope = select_scope(cfg, n, 1, 1, candidates, q.device, heads)
     tokens, positions = scope.tokens[0], scope.positions[0]  # [M]; padding holds token 0, masked
     valid = scope.valid[0] & (owner_of(tokens, page, world) == rank)
     rows = to_local(tokens, page, world).clamp(max=cache_k.shape[0] - 1)  # (another rank's: masked)
@@ -163,7 +165,17 @@ class StaticStep:
         cos, sin = e.rope_table(self.m)
         owner = (cache.rank, cache.world, cache.page)
         out, lse = self.tail(
-            q[:, 0], candidates, n, cache.k[layer], cache.v[layer], cos, sin, scaling, cfg, owner
+            q[:, 0],
+            candidates,
+            n,
+            cache.k[layer],
+            cache.v[layer],
+            cos,
+            sin,
+            scaling,
+            cfg,
+            owner,
+            e.heads[layer],
         )
         if comm.world > 1:
             every = exchange.gather_partials(comm, torch.cat([out, lse[:, None]], dim=1))  # [P, H, d + 1]

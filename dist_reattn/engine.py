@@ -22,7 +22,7 @@ from .distributed import Comm
 from .exchange import Part
 from .models.adapter import ReAttnModel
 from .profile import Profile
-from .select import Scope, Scoring, retrieves, score_chunks, select_scope
+from .select import Scope, Scoring, retrieval_heads, retrieves, score_chunks, select_scope
 from .sliding import SlidingLayers
 
 
@@ -241,6 +241,8 @@ class Engine:
         :class:`~dist_reattn.probe.SelectionProbe`); ``q`` and ``n`` as in :meth:`scopes_for`."""
         self._cos = self._sin = None
         self.scoring = Scoring.of(scope, self.rope_table)
+        # per cache layer: its retrieval heads ([H] bool) whose picks outvote the rest, or None
+        self.heads = retrieval_heads(scope.heads, len(s.cache_layers), s.heads, model.device)
 
     def reset(self) -> None:
         """Forgets the current sequence (the cache memory is kept)."""
@@ -281,7 +283,7 @@ class Engine:
                 scores, index = score_chunks(q, self.cache, layer, ends, cfg, self.scoring)
             candidates = exchange.route_candidates(self.comm, per_rank, scores, index)  # [P, B_mine, c, H, k]
         with self.profile.phase("selection"):
-            scope = select_scope(cfg, n + b0 * c, c, b1 - b0, candidates, q.device)
+            scope = select_scope(cfg, n + b0 * c, c, b1 - b0, candidates, q.device, self.heads[layer])
         if self.check_consensus or self.record_selection:
             for b in range(b1 - b0):
                 self.check_and_record(layer, n + (b0 + b) * c, scope.row(b), per_rank is None)

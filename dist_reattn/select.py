@@ -7,13 +7,14 @@ from them: votes, recall clip, spans, and the sink and local windows.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
 from .attention import apply_rope
 from .cache import KVCache
-from .config import ScopeConfig
+from .config import ConfigError, ScopeConfig
 from .kernels import score_topk, score_topk_ref, sort_topk, supports
 
 
@@ -44,6 +45,36 @@ class Scoring:
     def query(self, q: torch.Tensor) -> torch.Tensor:
         """The queries ``[..., d]`` as scored."""
         return q if self.cos is None else apply_rope(q, self.cos.to(q.dtype), self.sin.to(q.dtype))
+
+
+def retrieval_heads(path: str, layers: int, heads: int, device: torch.device) -> list[torch.Tensor | None]:
+    """The ``scope.heads`` file as one ``[heads]`` bool mask per retrieving layer (None: no head listed).
+
+    The file is ``{"heads": {"<retrieving layer>": [query heads...]}, ...}``, layers counted in the
+    order they retrieve (the cache's layers), as the selection probe reports them.
+
+    Raises:
+        ConfigError: the file does not parse, or names a layer or head this model does not have.
+    """
+    if not path:
+        return [None] * layers
+    try:
+        with open(path) as f:
+            listed = {int(k): [int(h) for h in v] for k, v in json.load(f)["heads"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"scope.heads={path!r} is not a retrieval-heads file ({e})") from None
+    bad = [(k, h) for k, hs in listed.items() for h in hs if not (0 <= k < layers and 0 <= h < heads)]
+    if bad:
+        raise ConfigError(
+            f"scope.heads={path!r} names layer/head {bad[0]}, outside this model's {layers} retrieving "
+            f"layers x {heads} heads: make the file with this model"
+        )
+    masks: list[torch.Tensor | None] = [None] * layers
+    for k, hs in listed.items():
+        if hs:
+            masks[k] = torch.zeros(heads, dtype=torch.bool, device=device)
+            masks[k][hs] = True
+    return masks
 
 
 def local_topk(
@@ -144,7 +175,9 @@ class Scope:
         return self.tokens if self.valid is None else self.tokens[self.valid]
 
 
-def vote(scores: torch.Tensor, index: torch.Tensor, recall_clip: int) -> tuple[torch.Tensor, torch.Tensor]:
+def vote(
+    scores: torch.Tensor, index: torch.Tensor, recall_clip: int, heads: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pools all (query, head) winners and keeps at most ``recall_clip`` tokens by vote count.
 
     Ties are broken by higher best score, then lower index, so every rank and every world size
@@ -154,6 +187,9 @@ def vote(scores: torch.Tensor, index: torch.Tensor, recall_clip: int) -> tuple[t
     Args:
         scores, index: ``[..., c, H, k]`` global top-k per (query token, query head), index -1 for
             padding; leading dimensions are a batch of independent chunks.
+        heads: ``[H]`` bool, the retrieval heads (``scope.heads``): a pick of one of them outvotes
+            every pick of the other heads together (it counts ``c * H * k + 1``), so their picks
+            fill the clip first, by their own votes; None: every pick counts one (the paper).
 
     Returns:
         ``(kept, valid)``, both ``[..., recall_clip]``: kept global indices in rank order, and which are real.
@@ -164,11 +200,15 @@ def vote(scores: torch.Tensor, index: torch.Tensor, recall_clip: int) -> tuple[t
     B, T = idx.shape
     idx, order = torch.where(idx >= 0, idx, _PAD).sort(dim=1)
     sc = sc.gather(1, order)
+    weight = torch.ones_like(idx)
+    if heads is not None:  # [H] -> one weight per pick, in the sorted order
+        per_head = torch.where(heads.to(idx.device), T + 1, 1)  # [H]
+        weight = per_head[:, None].expand(index.shape[-3:]).reshape(1, T).expand(B, T).gather(1, order)
     first = torch.ones_like(idx, dtype=torch.bool)
     first[:, 1:] = idx[:, 1:] != idx[:, :-1]
     seg = first.cumsum(1) - 1  # [B, T] the distinct token each pick belongs to, ascending
     uniq = torch.full_like(idx, _PAD).scatter_(1, seg, idx)  # [B, T] distinct tokens, then _PAD
-    votes = torch.zeros_like(idx).scatter_add_(1, seg, torch.ones_like(idx))
+    votes = torch.zeros_like(idx).scatter_add_(1, seg, weight)
     votes = torch.where(uniq != _PAD, votes, -1)  # padding and unused slots rank last
     best = torch.full((B, T), float("-inf"), device=sc.device).scatter_reduce_(1, seg, sc, "amax")
     # Stable sorts, least significant key first: index asc (already), best desc, votes desc.
@@ -237,7 +277,11 @@ def scope_of(n: int | torch.Tensor, cfg: ScopeConfig, selected: torch.Tensor, va
 
 
 def select_from_candidates(
-    scores: torch.Tensor, index: torch.Tensor, n: int | torch.Tensor, cfg: ScopeConfig
+    scores: torch.Tensor,
+    index: torch.Tensor,
+    n: int | torch.Tensor,
+    cfg: ScopeConfig,
+    heads: torch.Tensor | None = None,
 ) -> Scope:
     """Global scope from the all-gathered candidates (identical on every rank).
 
@@ -246,12 +290,13 @@ def select_from_candidates(
             between ``P`` and ``c`` are a batch of chunks, each selected independently.
         n: tokens in the cache including each chunk: an int, or ``[...]`` on the candidates' device,
             one per chunk of the batch.
+        heads: ``[H]`` bool, this layer's retrieval heads (:func:`vote`), or None.
 
     Returns:
         The scope(s), ``sink + recall_clip * span + local`` entries each whatever the data.
     """
     s, i = merge_candidates(scores, index, cfg.topk)
-    kept, valid = vote(s, i, cfg.recall_clip)
+    kept, valid = vote(s, i, cfg.recall_clip, heads)
     selected, valid = widen(kept, valid, cfg.span, cfg.sink, n - cfg.local)
     return scope_of(n, cfg, selected, valid)
 
@@ -268,6 +313,7 @@ def select_scope(
     batch: int,
     candidates: tuple[torch.Tensor, torch.Tensor] | None,
     device: torch.device,
+    heads: torch.Tensor | None = None,
 ) -> Scope:
     """The scopes of a batch of chunks past the plain prefix: the one seam every mode and every step
     (prefill, plain decode, graph decode) goes through.
@@ -278,6 +324,7 @@ def select_scope(
             nothing is read on the host.
         candidates: ``(scores, index)`` ``[P, batch, c, H, k]`` of every rank, or None for a mode
             that retrieves nothing (:func:`retrieves`): then the scope is ``[sink ; local]``.
+        heads: ``[H]`` bool, the layer's retrieval heads (``scope.heads``, :func:`vote`), or None.
 
     Returns:
         ``[batch, M]`` scopes; ``M`` is fixed by the mode and the configuration.
@@ -297,7 +344,7 @@ def select_scope(
         m = cfg.sink + cfg.recall_clip * cfg.span + cfg.local
         empty = torch.zeros((0, m), dtype=torch.long, device=device)
         return Scope(empty, empty.bool(), empty)
-    return select_from_candidates(*candidates, ends, cfg)
+    return select_from_candidates(*candidates, ends, cfg, heads)
 
 
 def scope_recall(

@@ -10,20 +10,21 @@ from dist_reattn.config import ScopeConfig
 from dist_reattn.select import local_topk, select_from_candidates, vote, widen
 
 
-def brute_force_scope(q, k, n, cfg: ScopeConfig) -> list[int]:
-    """DESIGN section 2 steps 3-6, written plainly over the dense score matrix."""
+def brute_force_scope(q, k, n, cfg: ScopeConfig, heads: set[int] = frozenset()) -> list[int]:
+    """DESIGN section 2 steps 3-6, written plainly over the dense score matrix; a pick of a head in
+    ``heads`` (retrieval heads) counts more votes than all other picks together."""
     c, H, d = q.shape
     g = H // k.shape[1]
     lo, hi = cfg.sink, n - cfg.local
-    picks = []  # (token, score)
+    picks = []  # (token, score, weight)
     for i in range(c):
         for h in range(H):
             scores = [(float(q[i, h] @ k[j, h // g]), j) for j in range(lo, hi)]
             scores.sort(key=lambda t: (-t[0], t[1]))
-            picks += [(j, s) for s, j in scores[: cfg.topk]]
+            picks += [(j, s, c * H * cfg.topk + 1 if h in heads else 1) for s, j in scores[: cfg.topk]]
     votes, best = {}, {}
-    for j, s in picks:
-        votes[j] = votes.get(j, 0) + 1
+    for j, s, w in picks:
+        votes[j] = votes.get(j, 0) + w
         best[j] = max(best.get(j, float("-inf")), s)
     kept = sorted(votes, key=lambda j: (-votes[j], -best[j], j))[: cfg.recall_clip]
     selected = set()
@@ -176,3 +177,46 @@ def test_scoring_variants_match_brute_force(select, world, page):
     scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), n, cfg)
     assert scope.row(0).selected().tolist() == expect
     assert expect != brute_force_scope(q, k, n, cfg)  # the variant chose otherwise than the paper here
+
+
+@pytest.mark.parametrize("world,page", [(1, 1), (2, 3)])
+def test_retrieval_heads_outvote_the_other_heads(world, page):
+    """scope.heads: the listed heads' picks fill the clip first (their own votes, then best score,
+    then index decide among them), and every rank agrees."""
+    gen = torch.Generator().manual_seed(11)
+    c, H, Hkv, d, n = 4, 6, 2, 8, 160
+    q = torch.randint(-1, 2, (c, H, d), generator=gen).float()  # ties among the picks
+    k = torch.randint(-1, 2, (n, Hkv, d), generator=gen).float()
+    cfg = ScopeConfig(sink=3, local=20, chunk=4, topk=2, span=3, recall_clip=4)
+    listed = {1, 4}
+    expect = brute_force_scope(q, k, n, cfg, listed)
+    assert expect != brute_force_scope(q, k, n, cfg)  # the weighting changed the scope here
+    mask = torch.zeros(H, dtype=torch.bool)
+    mask[list(listed)] = True
+    all_s, all_i = [], []
+    for rank in range(world):
+        cache = KVCache(1, Hkv, d, n, k.dtype, k.device, rank, world, page)
+        cache.append(0, 0, k, k)
+        lo, hi = cache.local_rows(cfg.sink, n - cfg.local)
+        s, rows = local_topk(q, cache.k[0], lo, hi, cfg.topk)
+        all_s.append(s)
+        all_i.append(cache.to_global(rows))
+    scope = select_from_candidates(torch.stack(all_s)[:, None], torch.stack(all_i)[:, None], n, cfg, mask)
+    assert scope.row(0).selected().tolist() == expect
+
+
+def test_retrieval_heads_file_is_checked(tmp_path):
+    from dist_reattn.config import ConfigError
+    from dist_reattn.select import retrieval_heads
+
+    good = tmp_path / "heads.json"
+    good.write_text('{"heads": {"1": [0, 2]}, "min_share": 0.5}')
+    masks = retrieval_heads(str(good), 3, 4, torch.device("cpu"))
+    assert masks[0] is None and masks[2] is None and masks[1].tolist() == [True, False, True, False]
+    assert retrieval_heads("", 2, 4, torch.device("cpu")) == [None, None]
+    (tmp_path / "bad.json").write_text('{"heads": {"3": [0]}}')
+    with pytest.raises(ConfigError, match="outside this model's 3 retrieving layers x 4 heads"):
+        retrieval_heads(str(tmp_path / "bad.json"), 3, 4, torch.device("cpu"))
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="is not a retrieval-heads file"):
+        retrieval_heads(str(tmp_path / "junk.json"), 3, 4, torch.device("cpu"))

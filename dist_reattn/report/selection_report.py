@@ -18,6 +18,7 @@ that step). The tables:
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -150,17 +151,10 @@ def layers_table(records: list[dict], scoring: str = "paper") -> str:
 
 def heads_table(records: list[dict], scoring: str = "paper", top: int = 12) -> str:
     """The (layer, head) pairs with the lowest median rank over the prose samples."""
-    per = defaultdict(list)
-    topk = 4
-    for r in _probed(records):
-        if haystack_of(r["task"]) != "prose":
-            continue
-        topk = r["topk"]
-        for i, layer in enumerate(r["probe_ranks"].get(scoring, [])):
-            for h, x in enumerate(layer or []):
-                per[(i, h)].append(x)
+    per = head_shares(records, scoring)
     if not per:
         return "(no prose samples with a middle needle)"
+    topk = _probed(records)[0]["topk"]
     rows = sorted(per.items(), key=lambda kv: (statistics.median(kv[1]), kv[0]))[:top]
     lines = [
         f"| layer | head | median rank | share with rank < {topk} | samples |",
@@ -171,6 +165,34 @@ def heads_table(records: list[dict], scoring: str = "paper", top: int = 12) -> s
             f"| {i} | {h} | {statistics.median(xs)} | {sum(x < topk for x in xs) / len(xs):.2f} | {len(xs)} |"
         )
     return "\n".join(lines)
+
+
+def head_shares(records: list[dict], scoring: str = "paper") -> dict[tuple[int, int], list[int]]:
+    """``(layer, head) -> ranks`` over the prose samples' probes."""
+    per = defaultdict(list)
+    for r in _probed(records):
+        if haystack_of(r["task"]) == "prose":
+            for i, layer in enumerate(r["probe_ranks"].get(scoring, [])):
+                for h, x in enumerate(layer or []):
+                    per[(i, h)].append(x)
+    return per
+
+
+def retrieval_heads(records: list[dict], min_share: float, scoring: str = "paper") -> dict:
+    """The ``scope.heads`` file's content: per layer, the heads whose rank is below the records' top-k
+    in at least ``min_share`` of the prose samples."""
+    topk = {r["topk"] for r in _probed(records)}
+    if len(topk) != 1:
+        raise ValueError(f"the records mix topk values {sorted(topk)}: calibrate on one setting")
+    k = topk.pop()
+    heads = defaultdict(list)
+    per = head_shares(records, scoring)
+    for (i, h), xs in sorted(per.items()):
+        if sum(x < k for x in xs) >= min_share * len(xs):
+            heads[str(i)].append(h)
+    samples = {(r["task"], r["len"], r["sample"], r["seed"]) for r in _probed(records)}
+    return {"heads": dict(heads), "min_share": min_share, "topk": k, "scoring": scoring,
+            "prose_samples": sum(haystack_of(t) == "prose" for t, *_ in samples)}  # fmt: skip
 
 
 def report(records: list[dict]) -> str:
@@ -194,12 +216,24 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.jsonl files of ruler.py --diagnose runs")
     p.add_argument("--out", default=None, help="write the tables to this Markdown file too")
+    p.add_argument(
+        "--heads-out",
+        default=None,
+        help="write a scope.heads file: per layer, the heads whose rank is below top-k in at least "
+        "--min-share of the prose samples (calibrate on other seeds than those you evaluate on)",
+    )
+    p.add_argument("--min-share", type=float, default=0.5)
     args = p.parse_args(argv)
     records = [r for f in args.results for r in read_records(Path(f))]
     text = report(records)
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.heads_out:
+        found = retrieval_heads(records, args.min_share)
+        found["from"] = args.results
+        Path(args.heads_out).write_text(json.dumps(found, indent=1) + "\n")
+        print(f"{sum(map(len, found['heads'].values()))} retrieval heads -> {args.heads_out}")
     return 0
 
 
