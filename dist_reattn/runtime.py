@@ -77,7 +77,7 @@ def build_engine(cfg: Config, prep: Prepared, capacity: int, comm: Comm):
     )
 
 
-SCOPE_RECORD_FIELDS = ("sink", "local", "topk", "span", "recall_clip", "chunk", "select")
+SCOPE_RECORD_FIELDS = ("sink", "local", "topk", "span", "recall_clip", "chunk", "select", "heads")
 
 
 def sequence_fields(

@@ -62,22 +62,28 @@ def _hit(record: dict, scoring: str) -> float | None:
     return sum(r < record["topk"] for r in flat) / len(flat) if flat else None
 
 
+def variant(record: dict) -> str:
+    """The selection a record ran: ``scope.select``, with ``+heads`` when it voted with retrieval heads."""
+    return record.get("select", "paper") + ("+heads" if record.get("heads") else "")
+
+
 def variants_table(records: list[dict]) -> str:
     """Accuracy, recall, hit share and prefill time per task, length and selection."""
     cells = defaultdict(list)
     for r in records:
         if r["mode"] == "reattention":
-            cells[(r["task"], r["len"], r.get("select", "paper"))].append(r)
+            cells[(r["task"], r["len"], variant(r))].append(r)
     lines = [
         "| task | len | select | score | n | recall | top-k hit | median rank | prefill s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (task, n, select), rs in sorted(cells.items()):
         recall = _mean(_mean(r["scope_recall"]) if r.get("scope_recall") else None for r in rs)
-        ranks = [x for r in rs for layer in _ranks(r, select) for x in layer]
+        scoring = select.split("+")[0]
+        ranks = [x for r in rs for layer in _ranks(r, scoring) for x in layer]
         lines.append(
             f"| {task} | {format_count(n)} | {select} | {100 * _mean(r['score'] for r in rs):.1f} | {len(rs)} "
-            f"| {_fmt(recall)} | {_fmt(_mean(_hit(r, select) for r in rs))} "
+            f"| {_fmt(recall)} | {_fmt(_mean(_hit(r, scoring) for r in rs))} "
             f"| {_fmt(quantiles(ranks)[1], 0)} | {_fmt(_mean(r['prefill_seconds'] for r in rs))} |"
         )
     return "\n".join(lines)
@@ -97,7 +103,7 @@ def ceiling_table(records: list[dict]) -> str:
 
 def _probed(records: list[dict]) -> list[dict]:
     """The records whose forwards the scorings are compared on: the paper's selection."""
-    return [r for r in records if r.get("probe_ranks") and r.get("select", "paper") == "paper"]
+    return [r for r in records if r.get("probe_ranks") and variant(r) == "paper"]
 
 
 def scorings_table(records: list[dict]) -> str:
