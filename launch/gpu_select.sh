@@ -13,8 +13,8 @@
 # it busy alone), so s/sample are not speed figures; prefill_seconds compare the selections only
 # because every process shares the GPU the same way. Each process writes
 # OUT/<stage>/<select>-<len>/ (results.jsonl, table.md, ruler.log, command.txt); the stage then writes
-# OUT/<stage>/selection.md (python -m dist_reattn.report.selection_report). LIMIT=seconds stops each
-# process there (default 3600); a re-run resumes from the results files.
+# OUT/<stage>/selection.md (python -m dist_reattn.report.selection_report). LIMIT=seconds stops every
+# process of a stage that long after the stage began (default 3600); a re-run resumes from the results files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$1
@@ -32,8 +32,10 @@ one() {  # one STAGE NAME ARGS...: a ruler.py process in the background
     --out "$dir" "$@")
   printf '%q ' "${cmd[@]}" >"$dir/command.txt"
   echo "== $stage/$name: $(cat "$dir/command.txt")"
-  timeout "${LIMIT:-3600}" "${cmd[@]}" >>"$dir/ruler.log" 2>&1 &
+  timeout "$(left)" "${cmd[@]}" >>"$dir/ruler.log" 2>&1 &
 }
+
+left() { echo $((${LIMIT:-3600} - (SECONDS - start))); }  # seconds left of the stage's LIMIT
 
 for s in "${stages[@]}"; do
   start=$SECONDS
@@ -46,7 +48,7 @@ for s in "${stages[@]}"; do
         one variants "$sel-128K" --tasks $TASKS --len 128K --samples 10 --ceiling none --scope.select=$sel
       done
       mkdir -p "$out/calibration"
-      python3 launch/ruler.py --model smollm2-135m --model.dtype=bf16 --mode reattention --diagnose --seed 1 \
+      timeout "$(left)" python3 launch/ruler.py --model smollm2-135m --model.dtype=bf16 --mode reattention --diagnose --seed 1 \
         --tasks "${TASKS%,niah_single_1}" --len 32K --samples 5 --ceiling none --out "$out/calibration/paper-32K" \
         >"$out/calibration/ruler.log" 2>&1
       python3 -m dist_reattn.report.selection_report "$out/calibration/paper-32K/results.jsonl" \
