@@ -20,7 +20,9 @@ import torch
 class KVCache:
     """This rank's share of every layer's pre-RoPE keys and values, preallocated once.
 
-    Shapes: ``k``, ``v`` are ``[layers, local_capacity, Hkv, d]``.
+    Shapes: ``k``, ``v`` are ``[layers, local_capacity, Hkv, d]``. With ``score_norm`` (1 or 2) the
+    cache also keeps ``score_k``, the same shape: each key times the L1 / L2 norm of its value, what
+    the ``qkv`` / ``qkv2`` selections score (``scope.select``); otherwise ``score_k`` is ``k``.
     """
 
     def __init__(
@@ -34,16 +36,24 @@ class KVCache:
         rank: int = 0,
         world: int = 1,
         page: int = 1,
+        score_norm: int = 0,
     ):
-        assert 0 <= rank < world and page > 0 and capacity > 0
+        assert 0 <= rank < world and page > 0 and capacity > 0 and score_norm in (0, 1, 2)
         self.rank, self.world, self.page, self.capacity = rank, world, page, capacity
         self.local_capacity = local_capacity(capacity, world, page, rank)
         shape = (layers, self.local_capacity, kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.score_norm = score_norm
+        self.score_k = torch.empty(shape, dtype=dtype, device=device) if score_norm else self.k
 
     def nbytes(self) -> int:
-        return self.k.numel() * self.k.element_size() * 2
+        return self.k.numel() * self.k.element_size() * (3 if self.score_norm else 2)
+
+    def scored(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The score keys of ``k, v [..., Hkv, d]``: ``k * ||v||_p`` (norm in fp32, the model dtype out)."""
+        norm = torch.linalg.vector_norm(v.float(), self.score_norm, dim=-1, keepdim=True)
+        return (k.float() * norm).to(k.dtype)
 
     def local_count(self, g: int) -> int:
         """How many of this rank's tokens have a global index below ``g``."""
@@ -89,7 +99,10 @@ class KVCache:
         """
         row = self.to_local(pos).clamp(max=self.local_capacity - 1)  # another rank's token: any row
         mine = self.owned_mask(pos)[:, None, None]
-        for cache, new in ((self.k[layer], k), (self.v[layer], v)):
+        pairs = [(self.k[layer], k), (self.v[layer], v)]
+        if self.score_norm:
+            pairs.append((self.score_k[layer], self.scored(k, v)))
+        for cache, new in pairs:
             cache.index_copy_(0, row, torch.where(mine, new, cache[row]))  # unchanged unless mine
 
     def append(self, layer: int, pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -102,15 +115,17 @@ class KVCache:
         if pos + c > self.capacity:
             raise RuntimeError(f"KV cache full: {pos + c} tokens > capacity {self.capacity}")
         if self.world == 1:
-            self.k[layer, pos : pos + c] = k
-            self.v[layer, pos : pos + c] = v
-            return
-        # This rank's tokens of [pos, pos + c) are the contiguous local rows [lo, hi): their global
-        # indices come from the layout, so nothing waits on the device for a mask's count.
-        lo, hi = self.local_rows(pos, pos + c)
-        rel = self.to_global(torch.arange(lo, hi, device=k.device)) - pos  # rows of the chunk
-        self.k[layer, lo:hi] = k[rel]
-        self.v[layer, lo:hi] = v[rel]
+            lo, hi = pos, pos + c
+        else:
+            # This rank's tokens of [pos, pos + c) are the contiguous local rows [lo, hi): their global
+            # indices come from the layout, so nothing waits on the device for a mask's count.
+            lo, hi = self.local_rows(pos, pos + c)
+            rel = self.to_global(torch.arange(lo, hi, device=k.device)) - pos  # rows of the chunk
+            k, v = k[rel], v[rel]
+        self.k[layer, lo:hi] = k
+        self.v[layer, lo:hi] = v
+        if self.score_norm:
+            self.score_k[layer, lo:hi] = self.scored(k, v)
 
 
 def owner_of(g: torch.Tensor, page: int, world: int) -> torch.Tensor:

@@ -15,6 +15,9 @@ from pathlib import Path
 import yaml
 
 MODES = ("reattention", "streaming", "full")
+# What the retrieval's top-k ranks the middle keys by (ScopeConfig.select; docs/DESIGN.md section 2).
+SELECTIONS = ("paper", "qkv", "qkv2", "qk_pe")
+SCORE_NORMS = {"qkv": 1, "qkv2": 2}  # selections that score keys weighted by this norm of their value
 # Presets ship inside the package as dist_reattn/configs (pyproject.toml maps the top-level configs/
 # there); an editable checkout has them at the top level only.
 _HERE = Path(__file__).resolve().parent
@@ -54,6 +57,17 @@ class ScopeConfig:
     """R: at most R distinct hits are kept, by vote count."""
     chunk: int = 512
     """C: prefill chunk length in tokens."""
+    select: str = "paper"
+    """What the top-k ranks the middle keys by: ``paper`` (``q . k`` on un-rotated vectors: exactly the
+    paper's selection), ``qkv`` / ``qkv2`` (each key weighted by the L1 / L2 norm of its value: the
+    paper's ablations; the cache keeps the weighted keys too, +50% KV memory), ``qk_pe`` (``q . k``
+    with RoPE at a fixed relative distance of ``local`` tokens, the nearest a selected token can be).
+    Votes, clip, spans and attention are the same for all."""
+    heads: str = ""
+    """A JSON file naming the retrieval heads per retrieving layer (made from the selection probe:
+    ``python -m dist_reattn.report.selection_report ... --heads-out FILE``): their top-k picks
+    outvote every other head's, so they fill the recall clip first. Empty: every head votes alike
+    (the paper)."""
     slab: int = 0
     """Prefill chunks per model forward (0: 16 on a GPU, 1 on a CPU). Norms, projections and MLPs run
     once over the slab and the retrieval and attention of its chunks run batched; every chunk still
@@ -62,6 +76,15 @@ class ScopeConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"scope.mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.heads and not Path(self.heads).is_file():
+            raise ConfigError(
+                f"scope.heads={self.heads!r} is not a file: give a retrieval-heads JSON "
+                f"(selection_report --heads-out), or leave it empty"
+            )
+        if self.select not in SELECTIONS:
+            raise ConfigError(
+                f"scope.select={self.select!r} is not one of {', '.join(SELECTIONS)} (paper: the paper's selection)"
+            )
         for name in ("sink", "topk", "recall_clip"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"scope.{name}={getattr(self, name)} must be >= 0")
@@ -80,7 +103,7 @@ class ScopeConfig:
                 f"scope.sink={self.sink} is above scope.local={self.local}: the sink is a few first tokens "
                 f"(paper: 32), the local window the recent context; lower --scope.sink or raise --scope.local"
             )
-        from .kernels.score_topk import MAX_TOPK  # here, not at import: it brings torch and triton
+        from .kernels import MAX_TOPK  # here, not at import: it brings torch and triton
 
         if self.topk > MAX_TOPK:
             raise ConfigError(
@@ -100,24 +123,35 @@ class ScopeConfig:
 @dataclass(frozen=True)
 class ScopeLimits:
     """The widest scope an engine serves, fixed when it is built: the replicated window of recent
-    tokens (several ranks) holds ``sink + local + chunk * slab`` rows, and a step at most
-    ``chunk * slab`` tokens. Every call's scope is checked against these, on any number of ranks."""
+    tokens (several ranks) holds ``sink + local + chunk * slab`` rows, a step at most
+    ``chunk * slab`` tokens, and the cache keeps the score keys of one kind (``score_norm``). Every
+    call's scope is checked against these, on any number of ranks."""
 
     sink: int
     local: int
     chunk: int
     slab: int
     """Chunks per forward, resolved for the device (never 0)."""
+    score_norm: int = 0
+    """The value norm the cache's score keys are weighted by (``SCORE_NORMS[select]``; 0: plain keys)."""
 
     @classmethod
     def of(cls, scopes, device_type: str) -> ScopeLimits:
-        """The limits that serve every scope of ``scopes`` on a ``cuda`` or ``cpu`` device."""
+        """The limits that serve every scope of ``scopes`` on a ``cuda`` or ``cpu`` device; a
+        ConfigError if they need score keys of different kinds (one cache keeps one)."""
         scopes = list(scopes)
+        norms = {SCORE_NORMS.get(s.select, 0): s.select for s in scopes}
+        if len(norms) > 1:
+            raise ConfigError(
+                f"scope.select={' and '.join(sorted(norms.values()))} keep different score keys and one "
+                "engine keeps one kind: run them as separate jobs (or loads)"
+            )
         return cls(
             max(s.sink for s in scopes),
             max(s.local for s in scopes),
             max(s.chunk for s in scopes),
             max(s.slab_on(device_type) for s in scopes),
+            next(iter(norms)),
         )
 
     def check(self, scope: ScopeConfig, device_type: str) -> ScopeConfig:
@@ -131,6 +165,12 @@ class ScopeLimits:
                     f"scope.{name}={value} is above this engine's limit {name}={getattr(self, name)}, fixed "
                     f"when it was built: build it for the wider scope, e.g. dist_reattn.load(..., scope={{'{name}': {value}}})"
                 )
+        if SCORE_NORMS.get(scope.select, 0) != self.score_norm:
+            raise ConfigError(
+                f"scope.select={scope.select!r} needs other score keys than this engine keeps (score_norm="
+                f"{self.score_norm}), fixed when it was built: build it for that selection, e.g. "
+                f"dist_reattn.load(..., scope={{'select': {scope.select!r}}})"
+            )
         return scope
 
 

@@ -32,7 +32,7 @@ from .attention import merge_partials, partial_attention
 from .cache import owner_of, to_local
 from .config import ScopeConfig
 from .exchange import Part
-from .select import local_topk, retrieves, scope_of, select_from_candidates
+from .select import retrieves, score_chunks, select_scope
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def select_attend(
     scaling: float,
     cfg: ScopeConfig,
     owner: tuple[int, int, int],
+    heads: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One decode token's scope, and its attention over the scope tokens this rank holds: fixed
     shapes, nothing read on the host.
@@ -82,17 +83,14 @@ def select_attend(
         cache_k, cache_v: ``[N_local, Hkv, d]`` this rank's cache of one layer.
         cos, sin: ``[>= M, d]`` rotary tables for scope positions.
         owner: ``(rank, world, page)`` of the cache: each rank attends over the scope tokens it owns.
+        heads: ``[H]`` bool, the layer's retrieval heads (``scope.heads``), or None.
 
     Returns:
         ``(out [H, d], lse [H])`` fp32, :func:`~dist_reattn.attention.partial_attention`'s partials
         (with one rank, ``out`` is the attention output).
     """
     rank, world, page = owner
-    if candidates is None:
-        none = torch.zeros((1, 0), dtype=torch.long, device=q.device)
-        scope = scope_of(n, cfg, none, none.bool())
-    else:
-        scope = select_from_candidates(*candidates, n, cfg)
+    scope = select_scope(cfg, n, 1, 1, candidates, q.device, heads)
     tokens, positions = scope.tokens[0], scope.positions[0]  # [M]; padding holds token 0, masked
     valid = scope.valid[0] & (owner_of(tokens, page, world) == rank)
     rows = to_local(tokens, page, world).clamp(max=cache_k.shape[0] - 1)  # (another rank's: masked)
@@ -161,17 +159,23 @@ class StaticStep:
         n = self.pos + 1  # [1] tokens in the cache, this one included
         candidates = None
         if retrieves(cfg):  # the Triton kernel reads its end row on the device
-            lo, hi = cache.local_count(cfg.sink), cache.local_count_at(n - cfg.local)
-            scores, rows = local_topk(q.transpose(0, 1), cache.k[layer], lo, hi, cfg.topk)  # [1, H, k]
-            index = cache.to_global(rows)
-            if comm.world > 1:
-                candidates = exchange.route_candidates(comm, None, scores[None], index[None])
-            else:
-                candidates = scores[None, None], index[None, None]  # [P = 1, B = 1, c = 1, H, k]
+            q_all = q.transpose(0, 1)[None]  # [B = 1, c = 1, H, d]
+            scores, index = score_chunks(q_all, cache, layer, n, cfg, e.scoring)  # [1, 1, H, k]
+            candidates = exchange.route_candidates(comm, None, scores, index)  # [P, 1, 1, H, k]
         cos, sin = e.rope_table(self.m)
         owner = (cache.rank, cache.world, cache.page)
         out, lse = self.tail(
-            q[:, 0], candidates, n, cache.k[layer], cache.v[layer], cos, sin, scaling, cfg, owner
+            q[:, 0],
+            candidates,
+            n,
+            cache.k[layer],
+            cache.v[layer],
+            cos,
+            sin,
+            scaling,
+            cfg,
+            owner,
+            e.heads[layer],
         )
         if comm.world > 1:
             every = exchange.gather_partials(comm, torch.cat([out, lse[:, None]], dim=1))  # [P, H, d + 1]

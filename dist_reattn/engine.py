@@ -22,7 +22,7 @@ from .distributed import Comm
 from .exchange import Part
 from .models.adapter import ReAttnModel
 from .profile import Profile
-from .select import Scope, retrieves, score_chunks, select_scope
+from .select import Scope, Scoring, retrieval_heads, retrieves, score_chunks, select_scope
 from .sliding import SlidingLayers
 
 
@@ -206,6 +206,7 @@ class Engine:
             self.comm.rank,
             self.comm.world,
             page,
+            score_norm=self.limits.score_norm,
         )
         lim = self.limits
         self.max_step = lim.chunk * lim.slab
@@ -242,7 +243,13 @@ class Engine:
         self.record_selection, self.check_consensus = record_selection, check_consensus
         self.selections: list[tuple[int, int, torch.Tensor]] = []  # (layer, n incl. chunk, scope)
         self.record_from = 0
+        self.probe: Callable | None = None
+        """Called as ``probe(engine, layer, q, n)`` before every retrieval's scoring (one process:
+        :class:`~dist_reattn.probe.SelectionProbe`); ``q`` and ``n`` as in :meth:`scopes_for`."""
         self._cos = self._sin = None
+        self.scoring = Scoring.of(scope, self.rope_table)
+        # per cache layer: its retrieval heads ([H] bool) whose picks outvote the rest, or None
+        self.heads = retrieval_heads(scope.heads, len(s.cache_layers), s.heads, model.device)
 
     def reset(self, scope: ScopeConfig | None = None) -> None:
         """Forgets the current sequence (the cache memory is kept) and starts one read with ``scope``
@@ -278,11 +285,14 @@ class Engine:
         B, c = q.shape[:2]
         candidates = None
         if retrieves(cfg):
+            if self.probe is not None:
+                self.probe(self, layer, q, n)
             with self.profile.phase("scoring"):
-                scores, index = score_chunks(q, self.cache, layer, [n + b * c for b in range(B)], cfg)
+                ends = [n + b * c for b in range(B)]
+                scores, index = score_chunks(q, self.cache, layer, ends, cfg, self.scoring)
             candidates = exchange.route_candidates(self.comm, per_rank, scores, index)  # [P, B_mine, c, H, k]
         with self.profile.phase("selection"):
-            scope = select_scope(cfg, n + b0 * c, c, b1 - b0, candidates, q.device)
+            scope = select_scope(cfg, n + b0 * c, c, b1 - b0, candidates, q.device, self.heads[layer])
         if self.check_consensus or self.record_selection:
             for b in range(b1 - b0):
                 self.check_and_record(layer, n + (b0 + b) * c, scope.row(b), per_rank is None)

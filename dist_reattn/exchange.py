@@ -140,6 +140,8 @@ def route_candidates(
     Returns:
         ``(scores, index)``, ``[P, B_mine, c, H, k]``: every rank's candidates for this rank's chunks.
     """
+    if comm.world == 1:  # nothing to send: no packing either (graph decode replays every op here)
+        return scores[None], index[None]
     packed = torch.stack([scores.contiguous().view(torch.int32), index.to(torch.int32)], dim=1)
     if per_rank is None:
         every = comm.all_gather(packed, "topk_candidates")  # [P, B, 2, c, H, k]

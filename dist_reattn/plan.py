@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import local_capacity, window_size
-from .config import ConfigError, ScopeConfig
+from .config import SCORE_NORMS, ConfigError, ScopeConfig, ScopeLimits
 from .models.spec import ModelSpec
 from .sliding import sliding_bytes
 
@@ -86,6 +86,7 @@ def plan_memory(
     slab: int = 1,
     sink: int = 0,
     local: int = 0,
+    score_keys: bool = False,
 ) -> MemoryPlan:
     """Plans one rank's memory for a cache of ``tokens`` tokens, before any weight is loaded.
 
@@ -95,11 +96,12 @@ def plan_memory(
     size), the masks, the attention scores of the math SDPA path (CPU; the GPU's fused kernels keep
     them on chip), and the MLP intermediates. Weights count whole: with sequence groups every rank
     holds the whole model, and under tensor parallelism every rank loads it whole before AutoTP
-    shards it.
+    shards it. ``score_keys``: the cache also keeps weighted score keys (``scope.select`` qkv,
+    qkv2), half as many bytes again as K and V.
     """
     b = DTYPE_BYTES[dtype]
     rows = local_capacity(tokens, world, page, 0)
-    kv = rows * spec.kv_bytes_per_token(b)
+    kv = rows * spec.kv_bytes_per_token(b) * (3 if score_keys else 2) // 2
     window = 0
     if world > 1:
         window = (window_size(sink, local, slab * chunk) + sink) * spec.kv_bytes_per_token(b)
@@ -147,6 +149,7 @@ def plan_for_scope(
         slab=scope.slab_on(device.type),
         sink=scope.sink,
         local=scope.local,
+        score_keys=scope.select in SCORE_NORMS,
     )
 
 
@@ -155,6 +158,7 @@ def widest(scopes, device_type: str) -> ScopeConfig:
     chunk, slab, spans; ``full`` if any is): an engine built for it serves each of them, and its
     memory plan bounds each one's."""
     scopes = list(scopes)
+    ScopeLimits.of(scopes, device_type)  # one kind of score keys for all, or a ConfigError
     fields = ("sink", "local", "chunk", "topk", "span", "recall_clip")
     return dataclasses.replace(
         scopes[0],

@@ -86,7 +86,7 @@ def new_engine(cfg: Config, model, capacity: int, comm: Comm) -> Engine:
     )
 
 
-SCOPE_RECORD_FIELDS = ("sink", "local", "topk", "span", "recall_clip", "chunk")
+SCOPE_RECORD_FIELDS = ("sink", "local", "topk", "span", "recall_clip", "chunk", "select", "heads")
 
 
 def resume_settings(cfg: Config, prep: Prepared) -> dict:

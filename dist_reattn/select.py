@@ -7,13 +7,74 @@ from them: votes, recall clip, spans, and the sink and local windows.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import torch
 
+from .attention import apply_rope
 from .cache import KVCache
-from .config import ScopeConfig
+from .config import ConfigError, ScopeConfig
 from .kernels import score_topk, score_topk_ref, sort_topk, supports
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """What the retrieval's top-k ranks middle keys by (``scope.select``), for prefill and decode alike.
+
+    ``paper``, ``qkv`` and ``qkv2`` score the query against the cache's score keys (``KVCache.score_k``:
+    the keys, or the keys weighted by their value's norm); ``qk_pe`` rotates the query by RoPE at
+    the fixed distance ``local`` first, which equals scoring both after RoPE at positions that
+    distance apart (``R(p)q . R(p - r)k = R(r)q . k``).
+
+    Attributes:
+        cos, sin: ``[d]`` the rotation of the query (``qk_pe``), or None.
+    """
+
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    @staticmethod
+    def of(cfg: ScopeConfig, rope) -> Scoring:
+        """The scoring of ``cfg.select``; ``rope(m)`` gives the model's cos, sin ``[m, d]`` for positions ``0..m-1``."""
+        if cfg.select != "qk_pe":
+            return Scoring()
+        cos, sin = rope(cfg.local + 1)
+        return Scoring(cos[cfg.local], sin[cfg.local])
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        """The queries ``[..., d]`` as scored."""
+        return q if self.cos is None else apply_rope(q, self.cos.to(q.dtype), self.sin.to(q.dtype))
+
+
+def retrieval_heads(path: str, layers: int, heads: int, device: torch.device) -> list[torch.Tensor | None]:
+    """The ``scope.heads`` file as one ``[heads]`` bool mask per retrieving layer (None: no head listed).
+
+    The file is ``{"heads": {"<retrieving layer>": [query heads...]}, ...}``, layers counted in the
+    order they retrieve (the cache's layers), as the selection probe reports them.
+
+    Raises:
+        ConfigError: the file does not parse, or names a layer or head this model does not have.
+    """
+    if not path:
+        return [None] * layers
+    try:
+        with open(path) as f:
+            listed = {int(k): [int(h) for h in v] for k, v in json.load(f)["heads"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"scope.heads={path!r} is not a retrieval-heads file ({e})") from None
+    bad = [(k, h) for k, hs in listed.items() for h in hs if not (0 <= k < layers and 0 <= h < heads)]
+    if bad:
+        raise ConfigError(
+            f"scope.heads={path!r} names layer/head {bad[0]}, outside this model's {layers} retrieving "
+            f"layers x {heads} heads: make the file with this model"
+        )
+    masks: list[torch.Tensor | None] = [None] * layers
+    for k, hs in listed.items():
+        if hs:
+            masks[k] = torch.zeros(heads, dtype=torch.bool, device=device)
+            masks[k][hs] = True
+    return masks
 
 
 def local_topk(
@@ -36,20 +97,30 @@ def local_topk(
 
 
 def score_chunks(
-    q: torch.Tensor, cache: KVCache, layer: int, ends: list[int], cfg: ScopeConfig
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    ends: list[int] | torch.Tensor,
+    cfg: ScopeConfig,
+    scoring: Scoring = Scoring(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's exact top-k of each chunk's queries over its own middle tokens.
+    """This rank's exact top-k of each chunk's queries over its own middle tokens, under ``scoring``.
 
     Args:
         q: ``[B, c, H, d]`` un-rotated queries of every head, chunk b ending at ``ends[b]``.
+        ends: ints, or a ``[1]`` device tensor for one chunk (graph decode: nothing read on the host).
 
     Returns:
         ``(scores, index)``, ``[B, c, H, topk]``: fp32 scores and global token indices (-1 padding).
     """
+    q = scoring.query(q)
     found = []
-    for b, end in enumerate(ends):
-        lo, hi = cache.local_rows(cfg.sink, end - cfg.local)
-        found.append(local_topk(q[b], cache.k[layer], lo, hi, cfg.topk))
+    for b in range(q.shape[0]):
+        if isinstance(ends, torch.Tensor):  # the kernel reads its end row on the device
+            lo, hi = cache.local_count(cfg.sink), cache.local_count_at(ends - cfg.local)
+        else:
+            lo, hi = cache.local_rows(cfg.sink, ends[b] - cfg.local)
+        found.append(local_topk(q[b], cache.score_k[layer], lo, hi, cfg.topk))
     scores = torch.stack([f[0] for f in found])
     return scores, cache.to_global(torch.stack([f[1] for f in found]))
 
@@ -104,7 +175,9 @@ class Scope:
         return self.tokens if self.valid is None else self.tokens[self.valid]
 
 
-def vote(scores: torch.Tensor, index: torch.Tensor, recall_clip: int) -> tuple[torch.Tensor, torch.Tensor]:
+def vote(
+    scores: torch.Tensor, index: torch.Tensor, recall_clip: int, heads: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pools all (query, head) winners and keeps at most ``recall_clip`` tokens by vote count.
 
     Ties are broken by higher best score, then lower index, so every rank and every world size
@@ -114,6 +187,9 @@ def vote(scores: torch.Tensor, index: torch.Tensor, recall_clip: int) -> tuple[t
     Args:
         scores, index: ``[..., c, H, k]`` global top-k per (query token, query head), index -1 for
             padding; leading dimensions are a batch of independent chunks.
+        heads: ``[H]`` bool, the retrieval heads (``scope.heads``): a pick of one of them outvotes
+            every pick of the other heads together (it counts ``c * H * k + 1``), so their picks
+            fill the clip first, by their own votes; None: every pick counts one (the paper).
 
     Returns:
         ``(kept, valid)``, both ``[..., recall_clip]``: kept global indices in rank order, and which are real.
@@ -124,11 +200,15 @@ def vote(scores: torch.Tensor, index: torch.Tensor, recall_clip: int) -> tuple[t
     B, T = idx.shape
     idx, order = torch.where(idx >= 0, idx, _PAD).sort(dim=1)
     sc = sc.gather(1, order)
+    weight = torch.ones_like(idx)
+    if heads is not None:  # [H] -> one weight per pick, in the sorted order
+        per_head = torch.where(heads.to(idx.device), T + 1, 1)  # [H]
+        weight = per_head[:, None].expand(index.shape[-3:]).reshape(1, T).expand(B, T).gather(1, order)
     first = torch.ones_like(idx, dtype=torch.bool)
     first[:, 1:] = idx[:, 1:] != idx[:, :-1]
     seg = first.cumsum(1) - 1  # [B, T] the distinct token each pick belongs to, ascending
     uniq = torch.full_like(idx, _PAD).scatter_(1, seg, idx)  # [B, T] distinct tokens, then _PAD
-    votes = torch.zeros_like(idx).scatter_add_(1, seg, torch.ones_like(idx))
+    votes = torch.zeros_like(idx).scatter_add_(1, seg, weight)
     votes = torch.where(uniq != _PAD, votes, -1)  # padding and unused slots rank last
     best = torch.full((B, T), float("-inf"), device=sc.device).scatter_reduce_(1, seg, sc, "amax")
     # Stable sorts, least significant key first: index asc (already), best desc, votes desc.
@@ -197,7 +277,11 @@ def scope_of(n: int | torch.Tensor, cfg: ScopeConfig, selected: torch.Tensor, va
 
 
 def select_from_candidates(
-    scores: torch.Tensor, index: torch.Tensor, n: int | torch.Tensor, cfg: ScopeConfig
+    scores: torch.Tensor,
+    index: torch.Tensor,
+    n: int | torch.Tensor,
+    cfg: ScopeConfig,
+    heads: torch.Tensor | None = None,
 ) -> Scope:
     """Global scope from the all-gathered candidates (identical on every rank).
 
@@ -206,12 +290,13 @@ def select_from_candidates(
             between ``P`` and ``c`` are a batch of chunks, each selected independently.
         n: tokens in the cache including each chunk: an int, or ``[...]`` on the candidates' device,
             one per chunk of the batch.
+        heads: ``[H]`` bool, this layer's retrieval heads (:func:`vote`), or None.
 
     Returns:
         The scope(s), ``sink + recall_clip * span + local`` entries each whatever the data.
     """
     s, i = merge_candidates(scores, index, cfg.topk)
-    kept, valid = vote(s, i, cfg.recall_clip)
+    kept, valid = vote(s, i, cfg.recall_clip, heads)
     selected, valid = widen(kept, valid, cfg.span, cfg.sink, n - cfg.local)
     return scope_of(n, cfg, selected, valid)
 
@@ -223,24 +308,32 @@ def retrieves(cfg: ScopeConfig) -> bool:
 
 def select_scope(
     cfg: ScopeConfig,
-    n: int,
+    n: int | torch.Tensor,
     c: int,
     batch: int,
     candidates: tuple[torch.Tensor, torch.Tensor] | None,
     device: torch.device,
+    heads: torch.Tensor | None = None,
 ) -> Scope:
-    """The scopes of a batch of chunks past the plain prefix: the one seam every mode goes through.
+    """The scopes of a batch of chunks past the plain prefix: the one seam every mode and every step
+    (prefill, plain decode, graph decode) goes through.
 
     Args:
         n: tokens in the cache at the end of the batch's first chunk; chunk b ends at ``n + b * c``.
+            A ``[1]`` device tensor for one chunk (graph decode): then every shape is fixed and
+            nothing is read on the host.
         candidates: ``(scores, index)`` ``[P, batch, c, H, k]`` of every rank, or None for a mode
             that retrieves nothing (:func:`retrieves`): then the scope is ``[sink ; local]``.
+        heads: ``[H]`` bool, the layer's retrieval heads (``scope.heads``, :func:`vote`), or None.
 
     Returns:
         ``[batch, M]`` scopes; ``M`` is fixed by the mode and the configuration.
     """
     # (an int end is never copied to the device: that copy would wait for it)
     ends = n if batch == 1 else n + c * torch.arange(batch, device=device)
+    if candidates is None and isinstance(n, torch.Tensor):  # with validity and positions, as a retrieval's
+        none = torch.zeros((batch, 0), dtype=torch.long, device=device)
+        return scope_of(ends, cfg, none, none.bool())
     if candidates is None:
         if batch == 1:
             local = torch.arange(n - cfg.local, n, device=device)[None]
@@ -251,7 +344,7 @@ def select_scope(
         m = cfg.sink + cfg.recall_clip * cfg.span + cfg.local
         empty = torch.zeros((0, m), dtype=torch.long, device=device)
         return Scope(empty, empty.bool(), empty)
-    return select_from_candidates(*candidates, ends, cfg)
+    return select_from_candidates(*candidates, ends, cfg, heads)
 
 
 def scope_recall(

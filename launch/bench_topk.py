@@ -10,7 +10,8 @@ topk 16 (second table); the reference (whose cost hardly depends on topk) and SD
     python launch/bench_topk.py --sweep        # tile/split variants at a few points, no table
     python launch/bench_topk.py --variants     # merge variants and the scores-only floor
 
-``--compare FILE`` times only the kernel, for each ``--config`` (overrides such as ``FILTER=0``),
+``--compare FILE`` times only the kernel, for each ``--config`` (overrides such as ``FILTER=0``,
+run through the private ``kernels/_variants.py``, inexact baselines ``FILTER=2`` and ``SCORE_ONLY`` included),
 at ``--models`` x ``--n`` x ``--c`` x ``--topk``, beside FILE's figures (a table this script wrote)
 and the ceilings measured in the same run. The two-pass filters at topk 4, c = 2048 (issue 13;
 FILTER 2 is session 4's inexact filter, the same-run baseline), about a minute:
@@ -35,7 +36,9 @@ from triton.testing import do_bench
 
 from dist_reattn.cli import run_main
 from dist_reattn.config import ConfigError
-from dist_reattn.kernels.score_topk import default_config, score_topk, score_topk_ref
+from dist_reattn.kernels import score_topk, score_topk_ref
+from dist_reattn.kernels._variants import score_topk_variant
+from dist_reattn.kernels.score_topk import default_config
 
 MODELS = {"SmolLM2": (9, 3, 64), "Llama-8B": (32, 8, 128)}
 TOPKS = (4, 16)  # the first is the headline: the engine's default (DESIGN.md section 2)
@@ -173,8 +176,9 @@ def fmt_row(r, topk, mm_tflops, copy_gbs):
 
 
 def time_kernel(q, k, N, topk, splits, cfg):
+    # inexact: the variants include the scores-only floor, whose results are meaningless
     return do_bench(
-        lambda: score_topk(q, k, 0, N, topk, splits=splits, config=cfg),
+        lambda: score_topk_variant(q, k, 0, N, topk, splits=splits, config=cfg, inexact=True),
         warmup=10,
         rep=40,
         return_mode="median",
@@ -300,8 +304,12 @@ def compare(args, mm_tflops):
                     ref_pct = f"{100 * flops / ref / 1e9 / old_tflops:.0f}%" if ref and old_tflops else "-"
                     row = f"| {name} | {c} | {N // 1024}K | {topk} | {ref if ref else '-'} | {ref_pct} |"
                     for _, cfg in configs:
-                        t = bench(
-                            rot(lambda q, k, N=N, tk=topk, cfg=cfg: score_topk(q, k, 0, N, tk, config=cfg))
+                        t = bench(  # inexact: FILTER=2 is a same-run baseline
+                            rot(
+                                lambda q, k, N=N, tk=topk, cfg=cfg: score_topk_variant(
+                                    q, k, 0, N, tk, config=cfg, inexact=True
+                                )
+                            )
                         )
                         vs = f"{t / ref:.3f}" if ref else "-"
                         row += f" {t:.3f} | {vs} | {100 * flops / t / 1e9 / mm_tflops:.0f}% |"

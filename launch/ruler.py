@@ -35,6 +35,7 @@ from dist_reattn.config import (
 )
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.models.load import load_tokenizer, resolve
+from dist_reattn.probe import SelectionProbe
 from dist_reattn.report.measure import profile_line
 from dist_reattn.report.results import append_record, read_records
 from dist_reattn.report.ruler_report import plot_scores, summary_table
@@ -71,6 +72,12 @@ def parse_args(argv: list[str] | None = None):
         action="store_true",
         help="also record scope_recall: per retrieving layer, the fraction of the answer's tokens in the "
         "scope that chose the first answer token (one process only)",
+    )
+    p.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="--recall, plus the selection probe: per layer and query head, the rank of the answer's best "
+        "key among the middle keys at that step, under every scope.select scoring (one process only)",
     )
     p.add_argument("--out", default=None, help="output directory (default runs/ruler-<time>)")
     return parse_args_with_overrides(p, argv)
@@ -131,8 +138,11 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
             raise ConfigError(
                 f"--ceiling {ceiling} is beyond the model's window ({prep.spec.window}): give a length inside it"
             )
+        args.recall = args.recall or args.diagnose
         if args.recall and comm.world > 1:
-            raise ConfigError("--recall needs one process: the scopes are recorded by the rank that attends")
+            raise ConfigError(
+                "--recall and --diagnose need one process: the scopes are recorded by the rank that attends"
+            )
         tokenizer = load_tokenizer(prep.source)
         for task in tasks:
             for n, _ in cells:
@@ -173,15 +183,21 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
             sample = build_sample(tokenizer, task, n, seed=args.seed * 1_000_003 + i)
             where = answer_tokens(tokenizer, sample) if args.recall else None  # once for every mode
         engine.record_from = sample.prompt_tokens  # the step that picks the first answer token
+        scope = dataclasses.replace(cfg.scope, mode=mode)
+        probe = None
+        if args.diagnose and mode == "reattention":
+            probe = engine.probe = SelectionProbe(sample.prompt_tokens, where, scope)
         bar.set_description(f"{task} {mode} {format_count(n)}")
         new = args.max_new_tokens or sample.max_new_tokens
-        scope = dataclasses.replace(cfg.scope, mode=mode)
         gen, measured = harness.run(sample.input_ids, new, scope, on_chunk=bar.update)
         answer = tokenizer.decode(gen.tokens, skip_special_tokens=True)
         value = score(answer, sample.answers, sample.metric)
         recall = (
             {"scope_recall": scope_recall(engine.selections, sample.prompt_tokens, where)} if where else {}
         )
+        if probe is not None:
+            engine.probe = None
+            recall.update(probe_ranks=probe.ranks, probe_middle=probe.middle)
         record = {
             "task": task,
             "len": n,

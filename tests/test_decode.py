@@ -35,8 +35,8 @@ def model(request):
     return ReAttnModel(tiny_model(request.param, layers=2))
 
 
-def engines(model, mode, capacity=N + 64):
-    cfg = ScopeConfig(mode=mode, **SCOPE)
+def engines(model, mode, capacity=N + 64, select="paper", heads=""):
+    cfg = ScopeConfig(mode=mode, select=select, heads=heads, **SCOPE)
     return Engine(model, copy.copy(cfg), capacity, graph=False), Engine(
         model, copy.copy(cfg), capacity, graph=False
     )
@@ -61,9 +61,22 @@ def test_static_step_logits_equal_the_plain_step(model, mode):
     assert int(pos) == plain.n
 
 
-@pytest.mark.parametrize("mode", ["reattention", "streaming"])
-def test_greedy_decoder_tokens_equal_the_plain_path(model, mode):
-    plain, static = engines(model, mode)
+@pytest.mark.parametrize(
+    "mode,select",
+    [("reattention", "paper"), ("streaming", "paper"), ("reattention", "qkv"), ("reattention", "qk_pe")],
+)
+def test_greedy_decoder_tokens_equal_the_plain_path(model, mode, select):
+    # Every selection goes through the same score_chunks / select_scope seam in both steps.
+    check_greedy_decoder(model, *engines(model, mode, select=select))
+
+
+def test_greedy_decoder_with_retrieval_heads_equals_the_plain_path(model, tmp_path):
+    heads = tmp_path / "heads.json"
+    heads.write_text('{"heads": {"0": [0], "1": [1, 2]}}')
+    check_greedy_decoder(model, *engines(model, "reattention", heads=str(heads)))
+
+
+def check_greedy_decoder(model, plain, static):
     want = plain.generate(IDS, 40)
     assert want.decode_tokens == len(want.tokens) - 2  # the first decode step is warm-up
     logits = static.prefill(IDS)

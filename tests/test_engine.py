@@ -182,5 +182,7 @@ def test_a_call_scope_is_served_within_the_limits_and_refused_beyond(arch_models
             small.generate(ids, 4, scope=dataclasses.replace(narrow, **{field: value}))
         msg = str(e.value)
         assert "\n" not in msg and f"limit {field}=" in msg, msg
+    with pytest.raises(ConfigError, match=r"^scope.select='qkv' needs other score keys than this engine"):
+        small.generate(ids, 4, scope=dataclasses.replace(narrow, select="qkv"))  # the cache keeps plain keys
     with pytest.raises(dataclasses.FrozenInstanceError):
         small.scope.local = 64

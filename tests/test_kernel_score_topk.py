@@ -14,26 +14,27 @@ import torch
 
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
-import importlib  # noqa: E402
+import inspect  # noqa: E402
 
 import pytest  # noqa: E402
 
-kmod = importlib.import_module("dist_reattn.kernels.score_topk")
-score_topk, score_topk_ref = kmod.score_topk, kmod.score_topk_ref
+from dist_reattn.kernels import MAX_TOPK, common, ref, score_topk, score_topk_ref, supports, two_pass  # noqa: E402
+from dist_reattn.kernels._variants import score_topk_variant  # noqa: E402
+from dist_reattn.kernels.score_topk import default_config  # noqa: E402
 
 # Where the kernel runs in this process: CPU tensors under the interpreter, CUDA tensors compiled.
-DEVICE = "cpu" if kmod.INTERPRETED else "cuda"
+DEVICE = "cpu" if common.INTERPRETED else "cuda"
 needs_kernel = pytest.mark.skipif(
-    kmod.triton is None or not (kmod.INTERPRETED or torch.cuda.is_available()),
+    common.triton is None or not (common.INTERPRETED or torch.cuda.is_available()),
     reason="needs triton: TRITON_INTERPRET=1 on CPU (set by this file), or compiled on a CUDA GPU",
 )
 needs_gpu = pytest.mark.skipif(
-    not torch.cuda.is_available() or kmod.triton is None or kmod.INTERPRETED,
+    not torch.cuda.is_available() or common.triton is None or common.INTERPRETED,
     reason="needs a CUDA GPU and compiled triton (TRITON_INTERPRET unset)",
 )
 # In the interpreter tl.dot on bf16 is wrong (the launcher upcasts there): fp16 and fp32 (IEEE dot).
 # Compiled: fp16 and bf16, the production dtype (fp32 compiled: test_kernel_dtypes_and_strides).
-DTYPES = [torch.float16, torch.float32] if kmod.INTERPRETED else [torch.float16, torch.bfloat16]
+DTYPES = [torch.float16, torch.float32] if common.INTERPRETED else [torch.float16, torch.bfloat16]
 
 
 def dense_topk(q, k, start, end, topk):
@@ -93,7 +94,7 @@ def test_ref_matches_dense(case, ties):
 
 
 @pytest.mark.parametrize("c, H, Hkv, d", [(2, 9, 3, 64), (1, 6, 3, 16)])  # SmolLM2-like, a tiny decode
-@pytest.mark.parametrize("N, block", [(130, kmod.REF_BLOCK), (1000, 37), (4099, kmod.REF_BLOCK)])
+@pytest.mark.parametrize("N, block", [(130, ref.REF_BLOCK), (1000, 37), (4099, ref.REF_BLOCK)])
 def test_ref_scores_a_key_the_same_anywhere(N, block, c, H, Hkv, d):
     # Random fp32 keys (rounding depends on the summation order) with copies of one key at the first
     # rows, the middle and the ragged tail: every copy must get the bit-identical score, and every
@@ -159,7 +160,7 @@ def _check(q, k, start, end, topk, v, i, exact):
         )
         assert torch.equal(v, rv[..., :topk])
         return
-    # The two-pass proof (score_topk._two_pass) bounds disagreements with the reference to keys
+    # The two-pass proof (two_pass._two_pass) bounds disagreements with the reference to keys
     # whose reference scores lie within 6e; 16e also covers an accumulator that truncates
     # instead of rounding (twice the unit roundoff), as tensor cores may.
     e = rounding_bound(q, k, start, end)
@@ -214,7 +215,7 @@ def test_kernel_matches_ref(case, ties, variant, device):
     if VARIANTS[variant]["TWO_PASS"]:
         topk = min(topk, 4)
     q, k = make(c, H, Hkv, d, N, torch.float16, ties, seed=sum(case[:-1]), device=device)
-    v, i = score_topk(q, k, start, end, topk, splits=splits, config=VARIANTS[variant])
+    v, i = score_topk_variant(q, k, start, end, topk, splits=splits, config=VARIANTS[variant])
     _check(q, k, start, end, topk, v, i, exact=ties)
 
 
@@ -231,9 +232,9 @@ def test_device_end_row(merge, ties, device):
     cfg = {"TWO_PASS": False, "MERGE": merge}
     for end in (start, start + 1, start + 3, 64, 131, 255, N - 1, N):
         end_t = torch.tensor([end], device=device)
-        v, i = score_topk(q, k, start, end_t, topk, config=cfg, splits=3)
+        v, i = score_topk_variant(q, k, start, end_t, topk, config=cfg, splits=3)
         _check(q, k, start, end, topk, v, i, exact=ties)
-        hv, hi = score_topk(q, k, start, end, topk, config=cfg)
+        hv, hi = score_topk_variant(q, k, start, end, topk, config=cfg)
         assert torch.equal(i, hi) and torch.equal(v, hv), end
     rv, ri = score_topk_ref(q, k, start, torch.tensor([131]), topk)  # the reference takes a tensor too
     assert torch.equal(ri, score_topk_ref(q, k, start, 131, topk)[1])
@@ -250,7 +251,7 @@ SHAPES = {
     "two-pass 64/16": {"TWO_PASS": True, "BLOCK_M": 64, "BLOCK_M2": 16},
     "two-pass 64/32": {"TWO_PASS": True, "BLOCK_M": 64, "BLOCK_M2": 32},
     # The GPU's prefill default (64 rows in the interpreter, where padding rows cost programs).
-    "two-pass 256x64/16": {"TWO_PASS": True, "BLOCK_M": 64 if kmod.INTERPRETED else 256, "BLOCK_N": 64,
+    "two-pass 256x64/16": {"TWO_PASS": True, "BLOCK_M": 64 if common.INTERPRETED else 256, "BLOCK_N": 64,
                            "num_warps": 8, "num_stages": 3, "BLOCK_M2": 16, "num_warps2": 1, "num_stages2": 3},
     "two-pass 64/16 FILTER 1": {"TWO_PASS": True, "BLOCK_M": 64, "BLOCK_M2": 16, "FILTER": 1},
 }  # fmt: skip
@@ -309,7 +310,7 @@ def test_kernel_near_ties(topk, dtype, shape, device):
     # in pass 2. Here every winner is such a key.
     c, H, Hkv, d, N, start, end = ADV
     q, k = near_ties(c, H, Hkv, d, N, start, end, dtype, seed=topk, device=device)
-    v, i = score_topk(q, k, start, end, topk, config=SHAPES[shape])
+    v, i = score_topk_variant(q, k, start, end, topk, config=SHAPES[shape])
     _check(q, k, start, end, topk, v, i, exact=False)
 
 
@@ -331,7 +332,7 @@ def test_kernel_equal_tile_maxima(dtype, shape, device):
     c, H, Hkv, d, N, start, end = ADV
     q, k = equal_maxima(c, H, Hkv, d, N, start, end, dtype, seed=7, device=device)
     for topk in (1, 3):
-        v, i = score_topk(q, k, start, end, topk, config=SHAPES[shape])
+        v, i = score_topk_variant(q, k, start, end, topk, config=SHAPES[shape])
         _check(q, k, start, end, topk, v, i, exact=True)
 
 
@@ -346,21 +347,23 @@ def test_second_pass_needs_no_bit_identical_recomputation(topk, ulps, filt, devi
     # k-th winner (the key at tau) is dropped: -1 at topk 1.
     c, H, Hkv, d, N, start, end = ADV
     q, k = make(c, H, Hkv, d, N, torch.float16, ties=False, seed=11, device=device)
-    cfg = {**kmod.default_config(c * H // Hkv, d, topk, two_pass=True), "FILTER": filt}
-    tau, picks, ids, count = kmod._first_pass(q, k, start, end, topk, None, cfg)
+    cfg = {**default_config(c * H // Hkv, d, topk, two_pass=True), "FILTER": filt}
+    tau, picks, ids, count = two_pass._first_pass(q, k, start, end, topk, None, cfg)
     toward = torch.full_like(tau, float("inf") if ulps > 0 else float("-inf"))
     for _ in range(abs(ulps)):
         tau = torch.where(torch.isfinite(tau), torch.nextafter(tau, toward), tau)
-    v, i = kmod._second_pass(q, k, start, end, topk, cfg, (tau, picks, ids, count))
+    v, i = two_pass._second_pass(q, k, start, end, topk, cfg, (tau, picks, ids, count))
     _check(q, k, start, end, topk, v, i, exact=False)
     if ulps > 0 and topk == 1 and filt == 1:  # the test bites: session 4's filter drops winners
-        _, i_old = kmod._second_pass(q, k, start, end, topk, {**cfg, "FILTER": 2}, (tau, picks, ids, count))
+        _, i_old = two_pass._second_pass(
+            q, k, start, end, topk, {**cfg, "FILTER": 2}, (tau, picks, ids, count)
+        )
         assert (i_old == -1).any()
 
 
 def _interpreter_dot():
     """The interpreter's builder class if it computes ``tl.dot`` in ``create_dot`` (else None)."""
-    if not kmod.INTERPRETED:
+    if not common.INTERPRETED:
         return None
     from triton.runtime import interpreter
 
@@ -392,9 +395,9 @@ def test_two_pass_under_shape_dependent_rounding(filt, monkeypatch):
     dropped = 0
     for topk, dtype in ((1, torch.float16), (4, torch.float32)):
         q, k = near_ties(c, H, Hkv, d, N, start, end, dtype, seed=topk, device="cpu")
-        v, i = score_topk(q, k, start, end, topk, config={**cfg, "FILTER": filt})
+        v, i = score_topk_variant(q, k, start, end, topk, config={**cfg, "FILTER": filt})
         _check(q, k, start, end, topk, v, i, exact=False)
-        _, i_old = score_topk(q, k, start, end, topk, config={**cfg, "FILTER": 2})
+        _, i_old = score_topk_variant(q, k, start, end, topk, config={**cfg, "FILTER": 2}, inexact=True)
         dropped += int((i_old == -1).sum())
     assert dropped > 0  # the emulation bites
 
@@ -415,7 +418,7 @@ def test_kernel_dtypes_and_strides(dtype, device):
 @needs_kernel
 def test_launcher_rejects_bad_inputs():
     q, k = make(1, 8, 2, 64, 50, torch.float16, False, seed=1, device=DEVICE)
-    assert kmod.supports(DEVICE) and not kmod.supports("cuda" if DEVICE == "cpu" else "cpu")
+    assert supports(DEVICE) and not supports("cuda" if DEVICE == "cpu" else "cpu")
     with pytest.raises(AssertionError):
         score_topk(q, k.float(), 0, 50, 4)  # dtype mismatch
     with pytest.raises(AssertionError):
@@ -423,62 +426,72 @@ def test_launcher_rejects_bad_inputs():
     with pytest.raises(AssertionError):
         score_topk(q, k, 0, 51, 4)  # end > N
     with pytest.raises(AssertionError):
-        score_topk(q, k, 0, 50, kmod.MAX_TOPK + 1)
+        score_topk(q, k, 0, 50, MAX_TOPK + 1)
     with pytest.raises(AssertionError):
-        score_topk(q, k, 0, 50, 4, config={"ONE_INSERT": True})  # v2's key, gone in v3
+        score_topk_variant(q, k, 0, 50, 4, config={"ONE_INSERT": True})  # v2's key, gone in v3
     with pytest.raises(AssertionError):
-        score_topk(q, k, 0, 50, 5, config={"TWO_PASS": True})  # keeps four tile maxima per row
+        score_topk_variant(q, k, 0, 50, 5, config={"TWO_PASS": True})  # keeps four tile maxima per row
     with pytest.raises(AssertionError):
-        score_topk(q, k, 0, 50, 4, config={"TWO_PASS": True, "SCORE_ONLY": True})
+        score_topk_variant(q, k, 0, 50, 4, config={"TWO_PASS": True, "SCORE_ONLY": True}, inexact=True)
     with pytest.raises(AssertionError):
-        score_topk(q, k, 0, 50, 4, config={"TWO_PASS": True, "FILTER": 3})
+        score_topk_variant(q, k, 0, 50, 4, config={"TWO_PASS": True, "FILTER": 3})
     with pytest.raises(AssertionError):
-        score_topk(q, k, 0, 50, 4, config={"TWO_PASS": False, "FILTER": 0})  # a two-pass option
+        score_topk_variant(q, k, 0, 50, 4, config={"TWO_PASS": False, "FILTER": 0})  # a two-pass option
+    with pytest.raises(AssertionError):
+        score_topk_variant(q, k, 0, 50, 4, config={"TWO_PASS": False, "SCORE_ONLY": True})  # inexact
+    with pytest.raises(AssertionError):
+        score_topk_variant(q, k, 0, 50, 4, config={"TWO_PASS": True, "FILTER": 2})  # inexact
+
+
+def test_engine_launcher_takes_no_switch():
+    # Tiles, paths, splits and the inexact benchmark baselines are reached only through the
+    # private kernels/_variants.py: the launcher the engine calls always runs the exact defaults.
+    assert list(inspect.signature(score_topk).parameters) == ["q", "k", "start", "end", "topk"]
 
 
 @pytest.mark.skipif(
-    kmod.triton is None or not (kmod.INTERPRETED or torch.cuda.is_available()), reason="needs triton"
+    common.triton is None or not (common.INTERPRETED or torch.cuda.is_available()), reason="needs triton"
 )
 @pytest.mark.parametrize("n_cand,topk", [(4, 4), (8, 4), (12, 3), (28, 4), (64, 1), (8, 2)])
 def test_plan_lists_each_rows_best_tiles(n_cand, topk):
     # The step between the two passes, against its definition: per row the topk best candidates
     # by (tile max descending, tile ascending), tau the last of their maxima; per block of rows the
     # union of those tiles, ascending. Small integer maxima: many ties, decided by the tile.
-    dev = "cpu" if kmod.INTERPRETED else "cuda"
+    dev = "cpu" if common.INTERPRETED else "cuda"
     Hkv, rows_pad, bm = 2, 64, 16
     gen = torch.Generator().manual_seed(n_cand)
     a = torch.randint(0, 4, (Hkv, rows_pad, n_cand), generator=gen).float()
     a[0, 3, 1:] = float("-inf")  # a row with fewer listed tiles than topk
     t = torch.stack([torch.randperm(100, generator=gen)[:n_cand] for _ in range(Hkv * rows_pad)])
     t = t.view(Hkv, rows_pad, n_cand).int()
-    t[0, 3, 1:] = kmod.NO_TILE
-    pad = max(2, kmod._next_pow2(topk))
+    t[0, 3, 1:] = two_pass.NO_TILE
+    pad = max(2, common._next_pow2(topk))
     n_blocks = rows_pad // bm
     tau = torch.empty(Hkv, rows_pad, device=dev)
     picks = torch.empty(Hkv, rows_pad, pad, dtype=torch.int32, device=dev)
     ids = torch.empty(Hkv, n_blocks, bm * pad, dtype=torch.int32, device=dev)
     count = torch.empty(Hkv, n_blocks, dtype=torch.int32, device=dev)
-    kmod._plan_kernel[(n_blocks, Hkv)](
+    two_pass._plan_kernel[(n_blocks, Hkv)](
         a.to(dev), t.to(dev), tau, picks, ids, count, n_cand, rows_pad, n_blocks,
-        TOPK=topk, TOPK_PAD=pad, BLOCK_M=bm, CAND_PAD=kmod._next_pow2(n_cand), num_warps=1,
+        TOPK=topk, TOPK_PAD=pad, BLOCK_M=bm, CAND_PAD=common._next_pow2(n_cand), num_warps=1,
     )  # fmt: skip
     order = (a * 1000 - t.float()).sort(dim=-1, descending=True).indices[..., :topk]
     want_t, want_a = t.gather(-1, order), a.gather(-1, order)
     assert torch.equal(tau.cpu(), want_a[..., -1])
     # Each row's own picks, in order; NO_TILE where it has fewer tiles, and past topk.
-    want_picks = torch.where(want_a == float("-inf"), kmod.NO_TILE, want_t)
+    want_picks = torch.where(want_a == float("-inf"), two_pass.NO_TILE, want_t)
     assert torch.equal(picks.cpu()[..., :topk], want_picks)
-    assert (picks.cpu()[..., topk:] == kmod.NO_TILE).all()
+    assert (picks.cpu()[..., topk:] == two_pass.NO_TILE).all()
     for h in range(Hkv):
         for b in range(n_blocks):
             tiles = want_t[h, b * bm : (b + 1) * bm].unique()
-            tiles = tiles[tiles != kmod.NO_TILE].int()
+            tiles = tiles[tiles != two_pass.NO_TILE].int()
             assert count[h, b].item() == len(tiles)
             assert torch.equal(ids[h, b, : len(tiles)].cpu(), tiles)
 
 
 def _check_gpu(q, k, start, end, topk, config=None):
-    v, i = score_topk(q, k, start, end, topk, config=config)
+    v, i = score_topk_variant(q, k, start, end, topk, config=config)
     rv, ri = score_topk_ref(q, k, start, end, topk)  # fp32 from the same bf16/fp16 values
     c, H, d = q.shape
     g = H // k.shape[1]
@@ -527,5 +540,5 @@ def test_kernel_gpu_ties():
     cases = ((1, None), (4, None), (4, {"TWO_PASS": False}), (4, {"TWO_PASS": True, "FILTER": 1}), (8, None),
              (32, None))  # fmt: skip
     for topk, cfg in cases:
-        v, i = score_topk(q, k, 3, 49_990, topk, config=cfg)
+        v, i = score_topk_variant(q, k, 3, 49_990, topk, config=cfg)
         _check(q, k, 3, 49_990, topk, v, i, exact=True)

@@ -92,7 +92,10 @@ def test_wheel_ships_kernels_presets_and_shapes(built):
     names = set(zipfile.ZipFile(wheel).namelist())
     assert PRESETS and SHAPES, "the checkout has no presets or shapes to compare against"
     expected = {
-        "dist_reattn/kernels/score_topk.py",
+        *(
+            f"dist_reattn/kernels/{m}.py"
+            for m in ("score_topk", "ref", "one_pass", "two_pass", "merge", "common")
+        ),
         "dist_reattn/tasks/data/python_docs_prose.txt",
         "dist_reattn/configs/random/README.md",
         *(f"dist_reattn/configs/{p}.yaml" for p in PRESETS),

@@ -265,7 +265,7 @@ def test_recall_counts_the_answer_in_each_layers_scope(tokenizer, tmp_path, caps
     out, n = tmp_path / "run", 1000
     args = ["--model", f"random:{_tiny_shape(tmp_path)}", "--tasks", "niah_single_1,niah_multivalue",
             "--len", str(n), "--ceiling", "none", "--mode", "reattention,streaming,full", "--scope.local=256",
-            "--scope.chunk=128", "--max-new-tokens", "2", "--recall", "--out", str(out)]  # fmt: skip
+            "--scope.chunk=128", "--max-new-tokens", "2", "--diagnose", "--out", str(out)]  # fmt: skip
     assert _launch().main(args) == 0
     records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 6
@@ -279,6 +279,21 @@ def test_recall_counts_the_answer_in_each_layers_scope(tokenizer, tmp_path, caps
         0 < r["scope_recall"][0] < 1 for r in records if r["mode"] == "streaming"
     )  # not a trivial case
     assert "| recall |" in (out / "table.md").read_text()
+    # --diagnose: the probe's ranks of every scoring, per layer and query head, on the reattention runs
+    for r in records:
+        if r["mode"] != "reattention":
+            assert "probe_ranks" not in r
+            continue
+        assert set(r["probe_ranks"]) == {"paper", "qkv", "qkv2", "qk_pe", "block_mean"}
+        assert r["probe_middle"] == r["prompt_tokens"] - 32 - 256
+        for layers in r["probe_ranks"].values():
+            assert len(layers) == 2 and all(
+                len(h) == 4 and all(0 <= x < r["probe_middle"] for x in h) for h in layers
+            )
+    from dist_reattn.report.selection_report import report
+
+    tables = report(records)
+    assert "| niah_single_1 | 1000 | paper |" in tables and "| noise | 1000 | qkv |" in tables
 
 
 def test_batch_tasks_carry_answers_and_score(tokenizer, tmp_path):

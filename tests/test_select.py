@@ -10,20 +10,21 @@ from dist_reattn.config import ScopeConfig
 from dist_reattn.select import local_topk, select_from_candidates, vote, widen
 
 
-def brute_force_scope(q, k, n, cfg: ScopeConfig) -> list[int]:
-    """DESIGN section 2 steps 3-6, written plainly over the dense score matrix."""
+def brute_force_scope(q, k, n, cfg: ScopeConfig, heads: set[int] = frozenset()) -> list[int]:
+    """DESIGN section 2 steps 3-6, written plainly over the dense score matrix; a pick of a head in
+    ``heads`` (retrieval heads) counts more votes than all other picks together."""
     c, H, d = q.shape
     g = H // k.shape[1]
     lo, hi = cfg.sink, n - cfg.local
-    picks = []  # (token, score)
+    picks = []  # (token, score, weight)
     for i in range(c):
         for h in range(H):
             scores = [(float(q[i, h] @ k[j, h // g]), j) for j in range(lo, hi)]
             scores.sort(key=lambda t: (-t[0], t[1]))
-            picks += [(j, s) for s, j in scores[: cfg.topk]]
+            picks += [(j, s, c * H * cfg.topk + 1 if h in heads else 1) for s, j in scores[: cfg.topk]]
     votes, best = {}, {}
-    for j, s in picks:
-        votes[j] = votes.get(j, 0) + 1
+    for j, s, w in picks:
+        votes[j] = votes.get(j, 0) + w
         best[j] = max(best.get(j, float("-inf")), s)
     kept = sorted(votes, key=lambda j: (-votes[j], -best[j], j))[: cfg.recall_clip]
     selected = set()
@@ -117,3 +118,105 @@ def test_scope_recall_per_layer_at_one_step():
     assert scope_recall(records, 102, [53]) is None  # nothing recorded: every token attended
     with pytest.raises(ValueError, match="at least one token"):
         scope_recall(records, 100, [])
+
+
+def _rope(d: int, m: int, theta: float = 100.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's rotary tables ``[m, d]`` for positions ``0..m-1``."""
+    inv = 1.0 / theta ** (torch.arange(0, d, 2).double() / d)
+    angles = torch.arange(m).double()[:, None] * inv[None]
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+@pytest.mark.parametrize("select", ["qkv", "qkv2", "qk_pe"])
+@pytest.mark.parametrize("world,page", [(1, 1), (3, 2)])
+def test_scoring_variants_match_brute_force(select, world, page):
+    """Each ``scope.select`` against the same brute force over its own definition: keys weighted by
+    their value's norm, or both sides rotated at positions ``local`` apart (here at an arbitrary
+    query position, so the rotated-query shortcut is checked, not assumed)."""
+    from dist_reattn.attention import apply_rope
+    from dist_reattn.select import Scoring, score_chunks
+
+    gen = torch.Generator().manual_seed(7)
+    c, H, Hkv, d, n = 2, 4, 2, 8, 140
+    q, k, v = (
+        torch.randn(c, H, d, generator=gen),
+        torch.randn(n, Hkv, d, generator=gen),
+        torch.randn(n, Hkv, d, generator=gen),
+    )
+    # Values whose norms vary a lot, so that weighting changes the winners.
+    v = v * torch.rand(n, Hkv, 1, generator=gen) * 4
+    cfg = ScopeConfig(sink=3, local=20, chunk=2, topk=2, span=3, recall_clip=5, select=select)
+    cos, sin = _rope(d, 1000)
+    if select == "qk_pe":
+        p = 700  # any query position: R(p) q . R(p - local) k
+        qb, kb = apply_rope(q, cos[p], sin[p]), apply_rope(k, cos[p - cfg.local], sin[p - cfg.local])
+    else:
+        norm = torch.linalg.vector_norm(v, 1 if select == "qkv" else 2, dim=-1, keepdim=True)
+        qb, kb = q, k * norm
+    expect = brute_force_scope(qb, kb, n, cfg)
+    scoring = Scoring.of(cfg, lambda m: (cos[:m], sin[:m]))
+    all_s, all_i = [], []
+    for rank in range(world):
+        cache = KVCache(
+            1,
+            Hkv,
+            d,
+            n,
+            k.dtype,
+            k.device,
+            rank,
+            world,
+            page,
+            score_norm={"qkv": 1, "qkv2": 2}.get(select, 0),
+        )
+        cache.append(0, 0, k, v)
+        s, i = score_chunks(q[None], cache, 0, [n], cfg, scoring)
+        all_s.append(s)
+        all_i.append(i)
+    scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), n, cfg)
+    assert scope.row(0).selected().tolist() == expect
+    assert expect != brute_force_scope(q, k, n, cfg)  # the variant chose otherwise than the paper here
+
+
+@pytest.mark.parametrize("world,page", [(1, 1), (2, 3)])
+def test_retrieval_heads_outvote_the_other_heads(world, page):
+    """scope.heads: the listed heads' picks fill the clip first (their own votes, then best score,
+    then index decide among them), and every rank agrees."""
+    gen = torch.Generator().manual_seed(11)
+    c, H, Hkv, d, n = 4, 6, 2, 8, 160
+    q = torch.randint(-1, 2, (c, H, d), generator=gen).float()  # ties among the picks
+    k = torch.randint(-1, 2, (n, Hkv, d), generator=gen).float()
+    cfg = ScopeConfig(sink=3, local=20, chunk=4, topk=2, span=3, recall_clip=4)
+    listed = {1, 4}
+    expect = brute_force_scope(q, k, n, cfg, listed)
+    assert expect != brute_force_scope(q, k, n, cfg)  # the weighting changed the scope here
+    mask = torch.zeros(H, dtype=torch.bool)
+    mask[list(listed)] = True
+    all_s, all_i = [], []
+    for rank in range(world):
+        cache = KVCache(1, Hkv, d, n, k.dtype, k.device, rank, world, page)
+        cache.append(0, 0, k, k)
+        lo, hi = cache.local_rows(cfg.sink, n - cfg.local)
+        s, rows = local_topk(q, cache.k[0], lo, hi, cfg.topk)
+        all_s.append(s)
+        all_i.append(cache.to_global(rows))
+    scope = select_from_candidates(torch.stack(all_s)[:, None], torch.stack(all_i)[:, None], n, cfg, mask)
+    assert scope.row(0).selected().tolist() == expect
+
+
+def test_retrieval_heads_file_is_checked(tmp_path):
+    from dist_reattn.config import ConfigError
+    from dist_reattn.select import retrieval_heads
+
+    good = tmp_path / "heads.json"
+    good.write_text('{"heads": {"1": [0, 2]}, "min_share": 0.5}')
+    masks = retrieval_heads(str(good), 3, 4, torch.device("cpu"))
+    assert masks[0] is None and masks[2] is None and masks[1].tolist() == [True, False, True, False]
+    assert retrieval_heads("", 2, 4, torch.device("cpu")) == [None, None]
+    (tmp_path / "bad.json").write_text('{"heads": {"3": [0]}}')
+    with pytest.raises(ConfigError, match="outside this model's 3 retrieving layers x 4 heads"):
+        retrieval_heads(str(tmp_path / "bad.json"), 3, 4, torch.device("cpu"))
+    (tmp_path / "junk.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="is not a retrieval-heads file"):
+        retrieval_heads(str(tmp_path / "junk.json"), 3, 4, torch.device("cpu"))

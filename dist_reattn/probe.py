@@ -1,0 +1,100 @@
+"""The selection probe: where the answer ranks in each head's scoring at the step that answers.
+
+At the step whose chunk ends at the prompt's last token (the step that picks the first answer
+token), for every retrieving layer and query head, :class:`SelectionProbe` ranks every middle key
+``[sink, n - local)`` by the last token's score under each selection's scoring (``scope.select``:
+``paper`` ``q . k``, ``qkv`` / ``qkv2`` keys weighted by their value's L1 / L2 norm, ``qk_pe`` RoPE
+at the fixed distance ``local``) and records the rank of the best *target* key: a key whose span
+(``[j - span//2, j - span//2 + span)``, as the selection widens a hit) reaches a token of the
+answer. Rank 0 is the top; a rank below ``topk`` means the last token's own top-k already brings
+the answer into scope. Ties count in the target's favour (rank = keys scoring strictly higher).
+
+A block scoring is ranked as well, for the block-selection candidates (InfLLM's representative keys,
+MoBA's mean-pooled blocks): ``block_mean`` scores each aligned block of ``span`` middle keys by the
+query against the block's mean key, and records the rank of the best block holding an answer token
+among the blocks (rank < topk: the answer's block would be among the top-k blocks).
+
+One process only (the whole cache is this rank's); the scores are computed in fp32 from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from .config import SCORE_NORMS, SELECTIONS, ScopeConfig
+from .select import Scoring
+
+
+def span_targets(answer: list[int], span: int) -> list[int]:
+    """The keys whose widened span ``[j - span//2, j - span//2 + span)`` holds a token of ``answer``."""
+    lo, hi = span - span // 2 - 1, span // 2  # j reaches t when t - hi <= j <= t + lo
+    return sorted({j for t in answer for j in range(t - lo, t + hi + 1)})
+
+
+class SelectionProbe:
+    """Ranks of the answer in every head's scoring at one step (see the module docstring).
+
+    Args:
+        n_last: the prompt's length: the step whose chunk ends there is probed.
+        answer: global indices of the answer's tokens in the prompt.
+        scope: the scope settings in force (sink, local, span).
+        selections: the scorings to rank under (default: every ``scope.select``).
+
+    After the step, ``ranks[name]`` is ``[layers][H]`` (int, or None for a layer whose middle holds no
+    target: the answer is in the sink or the local window), layers in the order they ran.
+    """
+
+    def __init__(self, n_last: int, answer: list[int], scope: ScopeConfig, selections=SELECTIONS):
+        self.n_last, self.scope, self.selections = n_last, scope, tuple(selections)
+        self.targets = torch.tensor(span_targets(answer, scope.span), dtype=torch.long)
+        self.answer = torch.tensor(sorted(set(answer)), dtype=torch.long)
+        self.ranks: dict[str, list[list[int] | None]] = {s: [] for s in (*self.selections, "block_mean")}
+        self.middle = 0
+
+    def __call__(self, engine, layer: int, q: torch.Tensor, n: int) -> None:
+        """``Engine.probe``'s hook: ``q [B, c, H, d]`` un-rotated queries of chunks ending at ``n + b * c``."""
+        B, c = q.shape[:2]
+        b, off = divmod(self.n_last - n, c)
+        if off or not 0 <= b < B:
+            return
+        cache, cfg = engine.cache, self.scope
+        assert cache.world == 1, "the selection probe reads the whole cache: one process only"
+        lo, hi = cfg.sink, self.n_last - cfg.local
+        self.middle = hi - lo
+        keys = cache.k[layer, lo:hi].float()  # [N, Hkv, d]
+        values = cache.v[layer, lo:hi].float()
+        t = self.targets[(self.targets >= lo) & (self.targets < hi)].to(keys.device) - lo
+        if t.numel() == 0:  # the answer is in the sink or the local window
+            for ranks in self.ranks.values():
+                ranks.append(None)
+            return
+        for name in self.selections:
+            k = keys
+            if name in SCORE_NORMS:
+                k = keys * torch.linalg.vector_norm(values, SCORE_NORMS[name], dim=-1, keepdim=True)
+            query = Scoring.of(replace(cfg, select=name), engine.rope_table).query(q[b, -1].float())  # [H, d]
+            self.ranks[name].append(_rank(_scores(query, k), t))
+        # block_mean: aligned blocks of span keys (a ragged last block averages what it has)
+        blocks = -(-(hi - lo) // cfg.span)
+        block_of = torch.arange(hi - lo, device=keys.device) // cfg.span  # [N]
+        sums = keys.new_zeros((blocks, *keys.shape[1:])).index_add_(0, block_of, keys)
+        means = sums / torch.bincount(block_of, minlength=blocks)[:, None, None]  # [blocks, Hkv, d]
+        a = self.answer[(self.answer >= lo) & (self.answer < hi)].to(keys.device) - lo
+        if a.numel() == 0:
+            self.ranks["block_mean"].append(None)
+        else:
+            self.ranks["block_mean"].append(_rank(_scores(q[b, -1].float(), means), block_of[a].unique()))
+
+
+def _scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``[H, N]`` scores of ``query [H, d]`` against ``keys [N, Hkv, d]`` (query head h reads KV head h // group)."""
+    group = query.shape[0] // keys.shape[1]
+    return torch.einsum("hgd,nhd->hgn", query.unflatten(0, (-1, group)), keys).flatten(0, 1)
+
+
+def _rank(scores: torch.Tensor, targets: torch.Tensor) -> list[int]:
+    """Per row of ``scores [H, N]``: how many entries score strictly above the best of ``targets``."""
+    best = scores[:, targets].amax(dim=1, keepdim=True)  # [H, 1]
+    return (scores > best).sum(dim=1).tolist()

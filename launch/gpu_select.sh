@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The selection variants and the selection probe on one GPU (SmolLM2-135M, bf16), behind the tables of
+# launch/results/select-*/ (issue: retrieval in natural text):
+#   bash launch/gpu_select.sh OUT                 # stage variants: 4 prose tasks + niah_single_1, 32K and 128K,
+#                                                 # 10 samples, scope.select = paper, qkv, qkv2, qk_pe, --diagnose;
+#                                                 # the 8K full-attention ceiling with the paper runs. Beside them,
+#                                                 # a calibration run (other seeds: --seed 1, 32K, 5 samples of the
+#                                                 # prose tasks) whose probe names the retrieval heads
+#                                                 # (OUT/variants/heads.json, MIN_SHARE default 0.6), then the
+#                                                 # paper's scoring with scope.heads=that file on the same samples
+#   bash launch/gpu_select.sh OUT probe1m         # the probe at 1M: niah_single_2 and niah_single_1, paper
+# One launch/ruler.py process per (selection, length), all at once on the one GPU (SmolLM2 cannot keep
+# it busy alone), so s/sample are not speed figures; prefill_seconds compare the selections only
+# because every process shares the GPU the same way. Each process writes
+# OUT/<stage>/<select>-<len>/ (results.jsonl, table.md, ruler.log, command.txt); the stage then writes
+# OUT/<stage>/selection.md (python -m dist_reattn.report.selection_report). LIMIT=seconds stops every
+# process of a stage that long after the stage began (default 3600); a re-run resumes from the results files.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=$1
+shift
+stages=("${@:-variants}")
+export PYTHONUNBUFFERED=1
+TASKS=niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,niah_single_1
+
+one() {  # one STAGE NAME ARGS...: a ruler.py process in the background
+  local stage=$1 name=$2
+  shift 2
+  local dir=$out/$stage/$name
+  mkdir -p "$dir"
+  local cmd=(python3 launch/ruler.py --model smollm2-135m --model.dtype=bf16 --mode reattention --diagnose
+    --out "$dir" "$@")
+  printf '%q ' "${cmd[@]}" >"$dir/command.txt"
+  echo "== $stage/$name: $(cat "$dir/command.txt")"
+  timeout "$(left)" "${cmd[@]}" >>"$dir/ruler.log" 2>&1 &
+}
+
+left() { echo $((${LIMIT:-3600} - (SECONDS - start))); }  # seconds left of the stage's LIMIT
+
+for s in "${stages[@]}"; do
+  start=$SECONDS
+  case $s in
+    variants)
+      for sel in paper qkv qkv2 qk_pe; do
+        ceiling=none
+        [ $sel = paper ] && ceiling=8K
+        one variants "$sel-32K" --tasks $TASKS --len 32K --samples 10 --ceiling $ceiling --scope.select=$sel
+        one variants "$sel-128K" --tasks $TASKS --len 128K --samples 10 --ceiling none --scope.select=$sel
+      done
+      mkdir -p "$out/calibration"
+      timeout "$(left)" python3 launch/ruler.py --model smollm2-135m --model.dtype=bf16 --mode reattention --diagnose --seed 1 \
+        --tasks "${TASKS%,niah_single_1}" --len 32K --samples 5 --ceiling none --out "$out/calibration/paper-32K" \
+        >"$out/calibration/ruler.log" 2>&1
+      python3 -m dist_reattn.report.selection_report "$out/calibration/paper-32K/results.jsonl" \
+        --out "$out/calibration/selection.md" --heads-out "$out/variants/heads.json" --min-share "${MIN_SHARE:-0.6}" | tail -1
+      for n in 32K 128K; do
+        one variants "heads-$n" --tasks $TASKS --len $n --samples 10 --ceiling none --scope.heads="$out/variants/heads.json"
+      done
+      ;;
+    probe1m)
+      one probe1m paper-1M --tasks niah_single_2,niah_single_1 --len 1M --samples 2 --ceiling none
+      ;;
+    *) echo "unknown stage $s" >&2 && continue ;;
+  esac
+  wait
+  python3 -m dist_reattn.report.selection_report "$out/$s"/*/results.jsonl --out "$out/$s/selection.md" >/dev/null
+  echo "$s: $((SECONDS - start)) s"
+done
+echo "total ${SECONDS} s; results under $out"
