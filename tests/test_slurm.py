@@ -7,7 +7,7 @@ done (not root, no apt-get, daemons that do not start) every test here skips wit
 
 The templates run as a user would submit them, with the GPU lines overridden on the command line
 (``--partition=cpu --gpus-per-node=0 --cpus-per-task=2``, ``GPUS`` = ranks per node) and batch jobs
-of SmolLM2-135M over three ~1K-token NIAH tasks on 2 gloo ranks. The scope (sink 16, local 256,
+of SmolLM2-135M over three ~760-token NIAH tasks on 2 gloo ranks. The scope (sink 16, local 256,
 chunk 128) puts every prompt past sink + local, so retrieval runs; contexts beyond the model's 8K
 window would cost minutes per task on two shared cores (measured: ~190 s for one 8.8K task).
 """
@@ -32,8 +32,8 @@ SLURM = ROOT / "launch" / "slurm"
 TEMPLATES = sorted(SLURM.glob("*.sbatch"))
 # What a CPU cluster needs instead of the templates' GPU lines (command-line options win over #SBATCH).
 CPU = ["--partition=cpu", "--gpus-per-node=0", "--cpus-per-task=2"]
-EXTRA = "--scope.sink=16 --scope.local=256 --scope.chunk=128 --max-new-tokens 16"
-N_TASKS, LEN = 3, 1024
+EXTRA = "--scope.sink=16 --scope.local=256 --scope.chunk=128 --max-new-tokens 12"
+N_TASKS, LEN = 3, 768
 JOB_TIMEOUT = 1200  # seconds for one model-loading job: two shared cores, SmolLM2 loads in each rank
 
 pytestmark = pytest.mark.cluster
