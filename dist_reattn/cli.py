@@ -10,6 +10,7 @@ The ``check_*`` helpers test output locations before anything is loaded, and cre
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -70,6 +71,19 @@ def _leave_together(timeout_s: float = 10.0) -> None:
             arrived = store.add(key, 0)
     except Exception:  # best effort: the exit status and the message are what matter
         pass
+
+
+def add_check_flag(parser: argparse.ArgumentParser) -> None:
+    """``--check``: validate every flag, the model and the input files, then exit without loading weights.
+
+    Job scripts run it in one process before ``torchrun``: bad input then ends the job in seconds
+    with one ``error:`` line and exit status 2 (under torchrun it would end as torchrun's exit 1).
+    """
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the flags, the model and the input files, then exit: 0, or 2 with one error: line",
+    )
 
 
 def run_main(main: Callable[[], int]) -> int:

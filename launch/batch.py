@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from dist_reattn.cli import check_out_file, report, run_main
+from dist_reattn.cli import add_check_flag, check_out_file, report, run_main
 from dist_reattn.config import ConfigError, add_model_args, config_for_model, parse_args_with_overrides
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.models.load import resolve
@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="default for tasks without their own (default 64)"
     )
+    add_check_flag(p)
     return parse_args_with_overrides(p, argv)
 
 
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, tasks, out, root = validate(args)
     except ConfigError as e:
         return report(e)  # every rank validated the same flags and exits 2; rank 0 says why
+    if args.check:
+        return 0
     stop_on_sigterm()
     comm = init_from_env(cfg.dist.timeout_s, cfg.dist.backend)
     logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING, format="%(message)s")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from dist_reattn.cli import check_out_dir, parse_modes, report, run_main
+from dist_reattn.cli import add_check_flag, check_out_dir, parse_modes, report, run_main
 from dist_reattn.config import (
     MODES,
     ConfigError,
@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--haystack", default="noise", choices=HAYSTACKS)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--out", default=None, help="output directory (default runs/niah-<time>)")
+    add_check_flag(p)
     return parse_args_with_overrides(p, argv)
 
 
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg, lengths, depths, modes = validate(args)
     except ConfigError as e:
         return report(e)  # every rank validated the same flags and exits 2; rank 0 says why
+    if args.check:
+        return 0
     comm = init_from_env(cfg.dist.timeout_s, cfg.dist.backend)
     logging.basicConfig(level=logging.INFO if comm.rank == 0 else logging.WARNING, format="%(message)s")
     try:

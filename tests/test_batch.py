@@ -251,6 +251,16 @@ def test_context_root_flag(model_dir, reference, tmp_path):
     assert got["answer"] == reference["t1"]
 
 
+def test_out_in_a_folder_not_yet_there(model_dir, reference, tmp_path):
+    # Job scripts name a fresh folder per job (OUT=runs/batch-<job id>): the first answer creates it.
+    tasks = write_tasks(tmp_path, 1)
+    out = tmp_path / "job-17" / "answers.jsonl"
+    assert run_main(*cmd(model_dir, tasks, out), "--check") == 0  # what the job scripts run first
+    assert not out.parent.exists()  # --check creates nothing
+    assert run_main(*cmd(model_dir, tasks, out)) == 0
+    assert [(r["id"], r["answer"]) for r in records(out)] == [("t0", reference["t0"])]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [

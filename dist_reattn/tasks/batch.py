@@ -374,8 +374,8 @@ def plan_job(
         refusals = [r for r in comm.all_gather_object(refusal, "plan_check") if r]
         if refusals:
             raise ConfigError(refusals[0])
-    if comm.rank == 0 and plan.error_records:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    if comm.rank == 0:
+        out.parent.mkdir(parents=True, exist_ok=True)  # job scripts name a fresh folder per job
         for record in plan.error_records:
             append_record(out, record)
     return plan, prep
