@@ -247,14 +247,23 @@ class Engine:
         """Called as ``probe(engine, layer, q, n)`` before every retrieval's scoring (one process:
         :class:`~dist_reattn.probe.SelectionProbe`); ``q`` and ``n`` as in :meth:`scopes_for`."""
         self._cos = self._sin = None
+        self._heads_file: str | None = None
+        self._use(self.scope)
+
+    def _use(self, scope: ScopeConfig) -> None:
+        """Makes ``scope`` the one in force: its scoring, and its retrieval heads (the file read once)."""
+        self.scope = scope
         self.scoring = Scoring.of(scope, self.rope_table)
-        # per cache layer: its retrieval heads ([H] bool) whose picks outvote the rest, or None
-        self.heads = retrieval_heads(scope.heads, len(s.cache_layers), s.heads, model.device)
+        if scope.heads != self._heads_file:
+            s = self.model.spec
+            # per cache layer: its retrieval heads ([H] bool) whose picks outvote the rest, or None
+            self.heads = retrieval_heads(scope.heads, len(s.cache_layers), s.heads, self.model.device)
+            self._heads_file = scope.heads
 
     def reset(self, scope: ScopeConfig | None = None) -> None:
         """Forgets the current sequence (the cache memory is kept) and starts one read with ``scope``
         (default: the engine's); a scope beyond :attr:`limits` is refused (ConfigError), never served."""
-        self.scope = self.default_scope if scope is None else self.limits.check(scope, self.model.device.type)
+        self._use(self.default_scope if scope is None else self.limits.check(scope, self.model.device.type))
         self.n = self.window.n = 0
         self.selections.clear()
         self.profile.reset()

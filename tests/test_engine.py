@@ -186,3 +186,25 @@ def test_a_call_scope_is_served_within_the_limits_and_refused_beyond(arch_models
         small.generate(ids, 4, scope=dataclasses.replace(narrow, select="qkv"))  # the cache keeps plain keys
     with pytest.raises(dataclasses.FrozenInstanceError):
         small.scope.local = 64
+
+
+def test_a_call_scope_brings_its_own_scoring_and_heads(arch_models, tmp_path):
+    # A call's scope.select (one that needs no other score keys) and scope.heads are served as by an
+    # engine built with them: same scopes at every step, which differ from the build's own.
+    import dataclasses
+
+    _, ours, ids, _, _ = arch_models
+    heads = tmp_path / "heads.json"
+    heads.write_text('{"heads": {"0": [1], "1": [0, 3]}}')
+    base = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=3)
+
+    def scopes(engine, scope=None):
+        engine.generate(ids, 3, scope=scope)
+        return [(layer, n, t.tolist()) for layer, n, t in engine.selections]
+
+    paper = scopes(Engine(ours, base, N + 8, record_selection=True))
+    for other in (dataclasses.replace(base, select="qk_pe"), dataclasses.replace(base, heads=str(heads))):
+        built = Engine(ours, base, N + 8, record_selection=True)
+        want = scopes(Engine(ours, other, N + 8, record_selection=True))
+        assert scopes(built, other) == want and want != paper, other
+        assert scopes(built) == paper  # and the next call without a scope is the build's again
