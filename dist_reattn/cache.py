@@ -50,11 +50,6 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.numel() * self.k.element_size() * (3 if self.score_norm else 2)
 
-    def scored(self, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The score keys of ``k, v [..., Hkv, d]``: ``k * ||v||_p`` (norm in fp32, the model dtype out)."""
-        norm = torch.linalg.vector_norm(v.float(), self.score_norm, dim=-1, keepdim=True)
-        return (k.float() * norm).to(k.dtype)
-
     def local_count(self, g: int) -> int:
         """How many of this rank's tokens have a global index below ``g``."""
         full_pages, tail = divmod(g, self.page)
@@ -101,7 +96,7 @@ class KVCache:
         mine = self.owned_mask(pos)[:, None, None]
         pairs = [(self.k[layer], k), (self.v[layer], v)]
         if self.score_norm:
-            pairs.append((self.score_k[layer], self.scored(k, v)))
+            pairs.append((self.score_k[layer], score_keys(k, v, self.score_norm)))
         for cache, new in pairs:
             cache.index_copy_(0, row, torch.where(mine, new, cache[row]))  # unchanged unless mine
 
@@ -125,7 +120,14 @@ class KVCache:
         self.k[layer, lo:hi] = k
         self.v[layer, lo:hi] = v
         if self.score_norm:
-            self.score_k[layer, lo:hi] = self.scored(k, v)
+            self.score_k[layer, lo:hi] = score_keys(k, v, self.score_norm)
+
+
+def score_keys(k: torch.Tensor, v: torch.Tensor, p: int) -> torch.Tensor:
+    """The score keys of ``k, v [..., Hkv, d]`` for ``qkv`` (p = 1) / ``qkv2`` (p = 2): ``k * ||v||_p``,
+    the norm in fp32, k's dtype out."""
+    norm = torch.linalg.vector_norm(v.float(), p, dim=-1, keepdim=True)
+    return (k.float() * norm).to(k.dtype)
 
 
 def owner_of(g: torch.Tensor, page: int, world: int) -> torch.Tensor:

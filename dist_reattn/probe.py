@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import torch
 
+from .cache import score_keys
 from .config import SCORE_NORMS, SELECTIONS, ScopeConfig
 from .select import Scoring
 
@@ -71,9 +72,7 @@ class SelectionProbe:
                 ranks.append(None)
             return
         for name in self.selections:
-            k = keys
-            if name in SCORE_NORMS:
-                k = keys * torch.linalg.vector_norm(values, SCORE_NORMS[name], dim=-1, keepdim=True)
+            k = score_keys(keys, values, SCORE_NORMS[name]) if name in SCORE_NORMS else keys
             query = Scoring.of(replace(cfg, select=name), engine.rope_table).query(q[b, -1].float())  # [H, d]
             self.ranks[name].append(_rank(_scores(query, k), t))
         # block_mean: aligned blocks of span keys (a ragged last block averages what it has)
