@@ -95,7 +95,10 @@ class Heartbeat:
         return ", ".join(late) if late else "none behind (a rank may have died inside it)"
 
     def stop(self) -> None:
+        """Ends the thread and waits for it: no publish may race the process group's teardown (a rank
+        of a finished job once aborted in C++ at exit, its heartbeat inside the store)."""
         self._stop.set()
+        self._thread.join(timeout=self.interval_s + 10)
 
 
 class Comm:
