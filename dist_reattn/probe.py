@@ -14,11 +14,21 @@ MoBA's mean-pooled blocks): ``block_mean`` scores each aligned block of ``span``
 query against the block's mean key, and records the rank of the best block holding an answer token
 among the blocks (rank < topk: the answer's block would be among the top-k blocks).
 
+Fused rankings ask whether the heads *together* rank the answer better than any one of them, the
+premise of a scope shared across heads and layers (OmniKV's choice of one scope from a few layers).
+Under the paper's scoring, every head's scores over the middle keys are standardised (``z``: minus
+the head's mean, over its standard deviation) or turned into attention weights (``p``: softmax of
+``s / sqrt(d)``) and summed over the layer's query heads (``zsum``, ``psum``) and over every layer
+probed so far at this step, this one included (``zsum_upto``, ``psum_upto``). ``fused[name]`` holds one
+rank per layer; a rank below ``recall_clip`` means a scope of the best ``recall_clip`` fused keys
+(widened by the span) would hold the answer.
+
 One process only (the whole cache is this rank's); the scores are computed in fp32 from the cache.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
@@ -52,6 +62,8 @@ class SelectionProbe:
         self.targets = torch.tensor(span_targets(answer, scope.span), dtype=torch.long)
         self.answer = torch.tensor(sorted(set(answer)), dtype=torch.long)
         self.ranks: dict[str, list[list[int] | None]] = {s: [] for s in (*self.selections, "block_mean")}
+        self.fused: dict[str, list[int | None]] = {f: [] for f in FUSED}
+        self._upto: dict[str, torch.Tensor] = {}
         self.middle = 0
 
     def __call__(self, engine, layer: int, q: torch.Tensor, n: int) -> None:
@@ -65,16 +77,20 @@ class SelectionProbe:
         lo, hi = cfg.sink, self.n_last - cfg.local
         self.middle = hi - lo
         keys = cache.k[layer, lo:hi].float()  # [N, Hkv, d]
+        self._head_dim = keys.shape[-1]
         values = cache.v[layer, lo:hi].float()
         t = self.targets[(self.targets >= lo) & (self.targets < hi)].to(keys.device) - lo
         if t.numel() == 0:  # the answer is in the sink or the local window
-            for ranks in self.ranks.values():
+            for ranks in (*self.ranks.values(), *self.fused.values()):
                 ranks.append(None)
             return
         for name in self.selections:
             k = score_keys(keys, values, SCORE_NORMS[name]) if name in SCORE_NORMS else keys
             query = Scoring.of(replace(cfg, select=name), engine.rope_table).query(q[b, -1].float())  # [H, d]
-            self.ranks[name].append(_rank(_scores(query, k), t))
+            scores = _scores(query, k)  # [H, N]
+            self.ranks[name].append(_rank(scores, t))
+            if name == "paper":
+                self._fuse(scores, t)
         # block_mean: aligned blocks of span keys (a ragged last block averages what it has)
         blocks = -(-(hi - lo) // cfg.span)
         block_of = torch.arange(hi - lo, device=keys.device) // cfg.span  # [N]
@@ -85,6 +101,24 @@ class SelectionProbe:
             self.ranks["block_mean"].append(None)
         else:
             self.ranks["block_mean"].append(_rank(_scores(q[b, -1].float(), means), block_of[a].unique()))
+
+
+    def _fuse(self, scores: torch.Tensor, t: torch.Tensor) -> None:
+        """Appends this layer's fused ranks (module docstring) from its paper scores ``[H, N]``."""
+        d = self._head_dim
+        per_head = {
+            "z": (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6),
+            "p": torch.softmax(scores / math.sqrt(d), dim=1),
+        }
+        for kind, x in per_head.items():
+            layer = x.sum(0, keepdim=True)  # [1, N]
+            upto = self._upto[kind] = layer if kind not in self._upto else self._upto[kind] + layer
+            self.fused[f"{kind}sum"].append(_rank(layer, t)[0])
+            self.fused[f"{kind}sum_upto"].append(_rank(upto, t)[0])
+
+
+# The fused rankings (see the module docstring), one rank per layer.
+FUSED = ("zsum", "zsum_upto", "psum", "psum_upto")
 
 
 def _scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,12 @@
 #                                                 # (OUT/variants/heads.json, MIN_SHARE default 0.6), then the
 #                                                 # paper's scoring with scope.heads=that file on the same samples
 #   bash launch/gpu_select.sh OUT probe1m         # the probe at 1M: niah_single_2 and niah_single_1, paper
+#   bash launch/gpu_select.sh OUT models          # the probe (with its fused ranks) under the paper's selection
+#                                                 # on both models: SmolLM2 and Gemma-3-270M at 32K and 128K,
+#                                                 # prose (10 samples) and noise (5; 3 at 128K), Gemma's full-
+#                                                 # attention ceiling at 32K, SmolLM2 at 1M (2 prose, 1 noise)
+# GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead, where the
+# package is not installed (the device machine, which has no network: launch/results/*/README.md).
 # One launch/ruler.py process per (selection, length), all at once on the one GPU (SmolLM2 cannot keep
 # it busy alone), so s/sample are not speed figures; prefill_seconds compare the selections only
 # because every process shares the GPU the same way. Each process writes
@@ -23,12 +29,18 @@ stages=("${@:-variants}")
 export PYTHONUNBUFFERED=1
 TASKS=niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,niah_single_1
 
-one() {  # one STAGE NAME ARGS...: a ruler.py process in the background
+SMOL=(--model smollm2-135m)
+GEMMA=(--model "${GEMMA:-gemma3-270m}" --config gemma3-270m)
+PROSE=niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue
+
+one() {  # one STAGE NAME ARGS...: a ruler.py process in the background (SmolLM2 unless ARGS name a model)
   local stage=$1 name=$2
   shift 2
   local dir=$out/$stage/$name
   mkdir -p "$dir"
-  local cmd=(python3 launch/ruler.py --model smollm2-135m --model.dtype=bf16 --mode reattention --diagnose
+  local model=("${SMOL[@]}")
+  [[ " $* " == *" --model "* ]] && model=()
+  local cmd=(python3 launch/ruler.py "${model[@]}" --model.dtype=bf16 --mode reattention --diagnose
     --out "$dir" "$@")
   printf '%q ' "${cmd[@]}" >"$dir/command.txt"
   echo "== $stage/$name: $(cat "$dir/command.txt")"
@@ -59,6 +71,18 @@ for s in "${stages[@]}"; do
       ;;
     probe1m)
       one probe1m paper-1M --tasks niah_single_2,niah_single_1 --len 1M --samples 2 --ceiling none
+      ;;
+    models)
+      for n in 32K 128K; do
+        one models "smollm2-prose-$n" --tasks niah_single_2 --len $n --samples 10 --ceiling none
+        one models "smollm2-prose3-$n" --tasks ${PROSE#niah_single_2,} --len $n --samples 10 --ceiling none
+        one models "smollm2-noise-$n" --tasks niah_single_1 --len $n --samples $([ $n = 32K ] && echo 5 || echo 3) --ceiling none
+        one models "gemma-prose-$n" "${GEMMA[@]}" --tasks niah_single_2 --len $n --samples 10 --ceiling none
+        one models "gemma-noise-$n" "${GEMMA[@]}" --tasks niah_single_1 --len $n --samples $([ $n = 32K ] && echo 5 || echo 3) --ceiling none
+      done
+      one models gemma-prose3-32K "${GEMMA[@]}" --tasks ${PROSE#niah_single_2,} --len 32K --samples 10 --ceiling none
+      one models gemma-full-32K "${GEMMA[@]}" --tasks $PROSE --len 32K --samples 10 --ceiling none --mode full
+      one models smollm2-1M --tasks niah_single_2,niah_single_1 --len 1M --samples 2 --ceiling none
       ;;
     *) echo "unknown stage $s" >&2 && continue ;;
   esac

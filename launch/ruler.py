@@ -197,7 +197,7 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
         )
         if probe is not None:
             engine.probe = None
-            recall.update(probe_ranks=probe.ranks, probe_middle=probe.middle)
+            recall.update(probe_ranks=probe.ranks, probe_fused=probe.fused, probe_middle=probe.middle)
         record = {
             "task": task,
             "len": n,

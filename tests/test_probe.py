@@ -81,3 +81,40 @@ def test_probe_records_none_when_the_answer_is_in_the_local_window():
         100,
     )
     assert all(r == [None] for r in probe.ranks.values())
+    assert all(r == [None] for r in probe.fused.values())
+
+
+def test_fused_ranks_equal_brute_force_over_heads_and_layers():
+    """``zsum``/``psum`` fuse a layer's heads; ``*_upto`` every layer probed so far (two layers here)."""
+    gen = torch.Generator().manual_seed(7)
+    L, H, Hkv, d, n_last, c = 2, 4, 2, 8, 160, 8
+    cfg = ScopeConfig(sink=4, local=32, chunk=c, topk=2, span=4, recall_clip=4)
+    cache = KVCache(L, Hkv, d, n_last, torch.float32, torch.device("cpu"))
+    for layer in range(L):
+        cache.append(layer, 0, torch.randn(n_last, Hkv, d, generator=gen), torch.randn(n_last, Hkv, d, generator=gen))
+    cos, sin = _rope(d, 256)
+    engine = SimpleNamespace(cache=cache, rope_table=lambda m: (cos[:m], sin[:m]))
+    answer = [70, 71]
+    probe = SelectionProbe(n_last, answer, cfg, selections=("paper",))
+    lo, hi = cfg.sink, n_last - cfg.local
+    targets = [j - lo for j in span_targets(answer, cfg.span) if lo <= j < hi]
+    totals = {"z": [0.0] * (hi - lo), "p": [0.0] * (hi - lo)}
+    for layer in range(L):
+        q = torch.randn(1, c, H, d, generator=gen)
+        probe(engine, layer, q, n_last)  # one chunk, ending at the prompt's end
+        fused = {"z": [0.0] * (hi - lo), "p": [0.0] * (hi - lo)}
+        for h in range(H):
+            s = [float(q[0, -1, h] @ cache.k[layer, j, h // 2]) for j in range(lo, hi)]
+            mean = sum(s) / len(s)
+            std = (sum((x - mean) ** 2 for x in s) / (len(s) - 1)) ** 0.5
+            e = [torch.tensor(x / d**0.5).exp().item() for x in s]
+            for j in range(hi - lo):
+                fused["z"][j] += (s[j] - mean) / std
+                fused["p"][j] += e[j] / sum(e)
+        for kind in "zp":
+            totals[kind] = [a + b for a, b in zip(totals[kind], fused[kind])]
+            # float32 sums in another order: compare ranks away from exact float ties
+            assert abs(probe.fused[f"{kind}sum"][layer] - brute_rank(fused[kind], targets)) <= 1, kind
+            assert abs(probe.fused[f"{kind}sum_upto"][layer] - brute_rank(totals[kind], targets)) <= 1, kind
+    assert probe.fused["zsum_upto"][0] == probe.fused["zsum"][0]
+    assert len(probe.fused["zsum"]) == L

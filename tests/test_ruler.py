@@ -290,10 +290,14 @@ def test_recall_counts_the_answer_in_each_layers_scope(tokenizer, tmp_path, caps
             assert len(layers) == 2 and all(
                 len(h) == 4 and all(0 <= x < r["probe_middle"] for x in h) for h in layers
             )
+        assert set(r["probe_fused"]) == {"zsum", "zsum_upto", "psum", "psum_upto"}
+        for layers in r["probe_fused"].values():
+            assert len(layers) == 2 and all(0 <= x < r["probe_middle"] for x in layers)
     from dist_reattn.report.selection_report import report
 
     tables = report(records)
     assert "| niah_single_1 | 1000 | paper |" in tables and "| noise | 1000 | qkv |" in tables
+    assert "| noise | 1000 | zsum_upto |" in tables
 
 
 def test_batch_tasks_carry_answers_and_score(tokenizer, tmp_path):

@@ -12,7 +12,10 @@ that step). The tables:
 * **scorings**: every scoring ranked on the same forwards (the records of ``select=paper``), by
   haystack: the share of (layer, head) pairs with rank < k, and rank quantiles;
 * **layers**: rank quantiles per layer under the paper's scoring, prose against noise;
-* **heads**: the (layer, head) pairs that rank the answer best across the prose samples.
+* **heads**: the (layer, head) pairs that rank the answer best across the prose samples;
+* **fused**: the heads' scores fused per layer and over layers (``probe_fused``, see
+  :mod:`dist_reattn.probe`): per layer, the share of samples whose fused rank is below ``recall_clip``
+  (a scope of the best ``recall_clip`` fused keys would hold the answer) and the median rank.
 """
 
 from __future__ import annotations
@@ -201,6 +204,36 @@ def retrieval_heads(records: list[dict], min_share: float, scoring: str = "paper
             "prose_samples": sum(haystack_of(t) == "prose" for t, *_ in samples)}  # fmt: skip
 
 
+def fused_table(records: list[dict]) -> str:
+    """Per haystack, length and fused ranking: per layer, share of samples with rank < recall_clip, median rank."""
+    cells = defaultdict(lambda: defaultdict(list))  # (haystack, len, name) -> layer -> ranks
+    clip = {}
+    for r in _probed(records):
+        for name, layers in r.get("probe_fused", {}).items():
+            key = (haystack_of(r["task"]), r["len"], name)
+            clip[key] = r["recall_clip"]
+            for i, x in enumerate(layers):
+                if x is not None:
+                    cells[key][i].append(x)
+    if not cells:
+        return "(no fused ranks in these records)"
+    layers = sorted({i for c in cells.values() for i in c})
+    lines = [
+        "Each cell: share of samples with rank < recall_clip / median rank (samples in the last column).",
+        "",
+        "| haystack | len | fused | " + " | ".join(f"L{i}" for i in layers) + " | samples |",
+        "| --- | --- | --- | " + " | ".join("---:" for _ in layers) + " | ---: |",
+    ]
+    for key in sorted(cells):
+        row = []
+        for i in layers:
+            xs = cells[key].get(i, [])
+            row.append(f"{sum(x < clip[key] for x in xs) / len(xs):.2f} / {quantiles(xs)[1]}" if xs else "-")
+        n = max(len(xs) for xs in cells[key].values())
+        lines.append(f"| {key[0]} | {format_count(key[1])} | {key[2]} | " + " | ".join(row) + f" | {n} |")
+    return "\n".join(lines)
+
+
 def report(records: list[dict]) -> str:
     return "\n\n".join(
         [
@@ -214,6 +247,8 @@ def report(records: list[dict]) -> str:
             layers_table(records),
             "## Heads that rank the answer best on prose",
             heads_table(records),
+            "## Heads fused per layer and over layers (paper scoring)",
+            fused_table(records),
         ]
     )
 
