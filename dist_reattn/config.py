@@ -16,7 +16,8 @@ import yaml
 
 MODES = ("reattention", "streaming", "full")
 # What the retrieval's top-k ranks the middle keys by (ScopeConfig.select; docs/DESIGN.md section 2).
-SELECTIONS = ("paper", "qkv", "qkv2", "qk_pe")
+SCORINGS = ("paper", "qkv", "qkv2", "qk_pe")  # what a head's top-k ranks keys by
+SELECTIONS = (*SCORINGS, "mass")
 SCORE_NORMS = {"qkv": 1, "qkv2": 2}  # selections that score keys weighted by this norm of their value
 # Presets ship inside the package as dist_reattn/configs (pyproject.toml maps the top-level configs/
 # there); an editable checkout has them at the top level only.
@@ -62,7 +63,10 @@ class ScopeConfig:
     paper's selection), ``qkv`` / ``qkv2`` (each key weighted by the L1 / L2 norm of its value: the
     paper's ablations; the cache keeps the weighted keys too, +50% KV memory), ``qk_pe`` (``q . k``
     with RoPE at a fixed relative distance of ``local`` tokens, the nearest a selected token can be).
-    Votes, clip, spans and attention are the same for all."""
+    Votes, clip, spans and attention are the same for these. ``mass``: steps of one token (the
+    prompt's last token, fed alone, and decode) keep the ``recall_clip`` keys of largest attention
+    mass summed over the query heads and over the retrieving layers so far (no per-head top-k, no
+    votes; :func:`~dist_reattn.select.mass_candidates`); longer steps select as ``paper``."""
     heads: str = ""
     """A JSON file naming the retrieval heads per retrieving layer (made from the selection probe:
     ``python -m dist_reattn.report.selection_report ... --heads-out FILE``): their top-k picks

@@ -52,6 +52,8 @@ def graph_reason(engine) -> str | None:
         return "tensor parallelism"
     if cfg.mode == "full":
         return "full mode attends over every token (a scope that grows each step)"
+    if cfg.select == "mass":
+        return "scope.select=mass selects in the plain step (not captured yet)"
     if engine.sliding is not None and engine.n < engine.sliding.window - 1:
         return f"the cache holds {engine.n} tokens, fewer than a sliding window"
     if engine.n + 1 <= cfg.sink + cfg.local:

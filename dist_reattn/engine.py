@@ -22,7 +22,16 @@ from .distributed import Comm
 from .exchange import Part
 from .models.adapter import ReAttnModel
 from .profile import Profile
-from .select import Scope, Scoring, retrieval_heads, retrieves, score_chunks, select_scope
+from .select import (
+    Scope,
+    Scoring,
+    fuses_mass,
+    mass_candidates,
+    retrieval_heads,
+    retrieves,
+    score_chunks,
+    select_scope,
+)
 from .sliding import SlidingLayers
 
 
@@ -247,6 +256,7 @@ class Engine:
         """Called as ``probe(engine, layer, q, n)`` before every retrieval's scoring (one process:
         :class:`~dist_reattn.probe.SelectionProbe`); ``q`` and ``n`` as in :meth:`scopes_for`."""
         self._cos = self._sin = None
+        self._mass: torch.Tensor | None = None  # scope.select=mass: the step's fused mass so far
         self._heads_file: str | None = None
         self._use(self.scope)
 
@@ -297,8 +307,12 @@ class Engine:
             if self.probe is not None:
                 self.probe(self, layer, q, n)
             with self.profile.phase("scoring"):
-                ends = [n + b * c for b in range(B)]
-                scores, index = score_chunks(q, self.cache, layer, ends, cfg, self.scoring)
+                if fuses_mass(cfg, c):  # B = 1; the mass of the step's earlier layers is kept in self._mass
+                    acc = None if layer == 0 else self._mass
+                    scores, index, self._mass = mass_candidates(q[0, 0], self.cache, layer, n, cfg, self.comm, acc)
+                else:
+                    ends = [n + b * c for b in range(B)]
+                    scores, index = score_chunks(q, self.cache, layer, ends, cfg, self.scoring)
             candidates = exchange.route_candidates(self.comm, per_rank, scores, index)  # [P, B_mine, c, H, k]
         with self.profile.phase("selection"):
             scope = select_scope(cfg, n + b0 * c, c, b1 - b0, candidates, q.device, self.heads[layer])
@@ -472,8 +486,11 @@ class Engine:
         """
         logits = None
         slab = self.scope.chunk * self.scope.slab_on(self.model.device.type)
-        for c0 in range(0, ids.shape[0], slab):
-            piece = ids[c0 : c0 + slab]
+        # scope.select=mass selects at steps of one token: the prompt's last token is fed alone
+        alone = fuses_mass(self.scope, 1) and ids.shape[0] > 1
+        body = ids[:-1] if alone else ids
+        pieces = [body[c0 : c0 + slab] for c0 in range(0, body.shape[0], slab)] + ([ids[-1:]] if alone else [])
+        for piece in pieces:
             logits = self.step(piece)
             if on_chunk:
                 on_chunk(piece.shape[0])

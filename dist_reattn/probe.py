@@ -34,7 +34,7 @@ from dataclasses import replace
 import torch
 
 from .cache import score_keys
-from .config import SCORE_NORMS, SELECTIONS, ScopeConfig
+from .config import SCORE_NORMS, SCORINGS, ScopeConfig
 from .select import Scoring
 
 
@@ -57,7 +57,7 @@ class SelectionProbe:
     target: the answer is in the sink or the local window), layers in the order they ran.
     """
 
-    def __init__(self, n_last: int, answer: list[int], scope: ScopeConfig, selections=SELECTIONS):
+    def __init__(self, n_last: int, answer: list[int], scope: ScopeConfig, selections=SCORINGS):
         self.n_last, self.scope, self.selections = n_last, scope, tuple(selections)
         self.targets = torch.tensor(span_targets(answer, scope.span), dtype=torch.long)
         self.answer = torch.tensor(sorted(set(answer)), dtype=torch.long)

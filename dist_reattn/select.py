@@ -125,6 +125,67 @@ def score_chunks(
     return scores, cache.to_global(torch.stack([f[1] for f in found]))
 
 
+def fuses_mass(cfg: ScopeConfig, c: int) -> bool:
+    """Whether a step of ``c`` query tokens selects by fused attention mass (``scope.select=mass``:
+    steps of one token, the prompt's last and decode; longer steps select as the paper does)."""
+    return cfg.select == "mass" and c == 1
+
+
+def mass_candidates(
+    q: torch.Tensor,
+    cache: KVCache,
+    layer: int,
+    end: int | torch.Tensor,
+    cfg: ScopeConfig,
+    comm,
+    acc: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's best ``recall_clip`` middle keys by attention mass fused over heads and layers.
+
+    The mass of key ``j`` at one layer is ``sum_h softmax_j(q_h . k_j / sqrt(d))``, the softmax over
+    the middle keys of every rank (the log-sum-exp is all-gathered: ``[P, H]`` floats). It is added
+    to the mass of the step's earlier retrieving layers (``acc``), so layer ``l`` selects by the mass
+    of layers ``0..l``: the selection probe (``probe_fused``, ``psum_upto``) ranks the answer there
+    within the top ~20 keys on prose where every single head ranks it in the hundreds.
+
+    Args:
+        q: ``[H, d]`` the one query token's un-rotated queries, every head.
+        end: tokens in the cache including the token: an int, or a ``[1]`` device tensor.
+        acc: this rank's mass of the step's earlier layers ``[rows]`` (None at the first layer).
+
+    Returns:
+        ``(scores, index, acc)``: ``[1, 1, 1, recall_clip]`` fused masses (fp32, ``-inf`` padding)
+        and global token indices (``-1`` padding), best first, ties to the lower index; and the new
+        ``acc`` (rows ``[lo, hi)`` of this rank's middle, ``hi`` the local capacity for a device end).
+    """
+    lo = cache.local_count(cfg.sink)
+    if isinstance(end, torch.Tensor):  # every shape fixed: rows past the end are masked
+        hi, stop = cache.local_capacity, cache.local_count_at(end - cfg.local)
+    else:
+        lo, hi = cache.local_rows(cfg.sink, end - cfg.local)
+        stop = None
+    keys = cache.score_k[layer, lo:hi].float()  # [N, Hkv, d]
+    H, d = q.shape
+    s = torch.einsum("hgd,nhd->hgn", q.float().unflatten(0, (keys.shape[1], -1)), keys).flatten(0, 1) * d**-0.5
+    rows = torch.arange(lo, hi, device=q.device)
+    if stop is not None:
+        s = s.masked_fill(rows >= stop, float("-inf"))  # [H, N]
+    lse = torch.logsumexp(s, dim=1) if s.shape[1] else s.new_full((H,), float("-inf"))  # [H]
+    if comm.world > 1:
+        lse = torch.logsumexp(comm.all_gather(lse, "mass_lse"), dim=0)
+    mass = torch.exp(s - lse[:, None]).nan_to_num_(0.0).sum(0)  # [N]
+    acc = mass if acc is None else acc + mass
+    ranked = acc if stop is None else acc.masked_fill(rows >= stop, float("-inf"))
+    scores, order = ranked.sort(descending=True, stable=True)  # ties: the lower row, the lower token
+    scores, order = scores[: cfg.recall_clip], order[: cfg.recall_clip]
+    index = torch.where(scores > float("-inf"), cache.to_global(order + lo), -1)
+    pad = cfg.recall_clip - scores.shape[0]
+    if pad:
+        scores = torch.cat([scores, scores.new_full((pad,), float("-inf"))])
+        index = torch.cat([index, index.new_full((pad,), -1)])
+    return scores[None, None, None], index[None, None, None], acc
+
+
 def merge_candidates(
     scores: torch.Tensor, index: torch.Tensor, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,8 +356,12 @@ def select_from_candidates(
     Returns:
         The scope(s), ``sink + recall_clip * span + local`` entries each whatever the data.
     """
-    s, i = merge_candidates(scores, index, cfg.topk)
-    kept, valid = vote(s, i, cfg.recall_clip, heads)
+    if fuses_mass(cfg, index.shape[-3]):  # the fused masses of every rank: the best recall_clip keys
+        kept = merge_candidates(scores, index, cfg.recall_clip)[1][..., 0, 0, :]  # [..., recall_clip]
+        valid = kept >= 0
+    else:
+        s, i = merge_candidates(scores, index, cfg.topk)
+        kept, valid = vote(s, i, cfg.recall_clip, heads)
     selected, valid = widen(kept, valid, cfg.span, cfg.sink, n - cfg.local)
     return scope_of(n, cfg, selected, valid)
 

@@ -220,3 +220,58 @@ def test_retrieval_heads_file_is_checked(tmp_path):
     (tmp_path / "junk.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match="is not a retrieval-heads file"):
         retrieval_heads(str(tmp_path / "junk.json"), 3, 4, torch.device("cpu"))
+
+
+class _Gathered:
+    """A communicator of ``world`` ranks whose all_gather returns what every rank would send: the
+    test computes each rank's log-sum-exp first (the real collective runs in test_distributed)."""
+
+    def __init__(self, world: int, every: torch.Tensor):
+        self.world, self.every = world, every
+
+    def all_gather(self, t, kind):
+        return self.every
+
+
+@pytest.mark.parametrize("world,page", [(1, 1), (2, 3), (3, 2)])
+@pytest.mark.parametrize("integer_keys", [False, True])
+def test_mass_selection_matches_brute_force(world, page, integer_keys):
+    """``scope.select=mass``: layer l keeps the recall_clip keys of largest softmax mass summed over
+    the heads and the layers 0..l (ties: lower index), each widened by the span."""
+    from dist_reattn.select import mass_candidates
+
+    gen = torch.Generator().manual_seed(world * 7 + page + integer_keys)
+    L, H, Hkv, d, n = 2, 4, 2, 8, 120
+    cfg = ScopeConfig(sink=3, local=20, chunk=4, topk=2, span=3, recall_clip=5, select="mass")
+    if integer_keys:  # exact ties in the masses: the lower index must win
+        q = torch.randint(-1, 2, (L, H, d), generator=gen).float()
+        k = torch.randint(-1, 2, (L, n, Hkv, d), generator=gen).float()
+    else:
+        q, k = torch.randn(L, H, d, generator=gen), torch.randn(L, n, Hkv, d, generator=gen)
+    lo, hi = cfg.sink, n - cfg.local
+    caches = []
+    for rank in range(world):
+        cache = KVCache(L, Hkv, d, n, k.dtype, k.device, rank, world, page)
+        for layer in range(L):
+            cache.append(layer, 0, k[layer], k[layer])
+        caches.append(cache)
+    acc_brute = [0.0] * n
+    accs = [None] * world
+    for layer in range(L):
+        s = torch.einsum("hd,nhd->hn", q[layer], k[layer, lo:hi].repeat_interleave(H // Hkv, 1)) / d**0.5
+        lse = torch.logsumexp(s, 1)  # [H]
+        p = torch.exp(s - lse[:, None]).sum(0)
+        for j in range(lo, hi):
+            acc_brute[j] += float(p[j - lo])
+        kept = sorted(range(lo, hi), key=lambda j: (-acc_brute[j], j))[: cfg.recall_clip]
+        selected = {t for j in kept for t in range(j - 1, j + 2) if lo <= t < hi}
+        expect = list(range(cfg.sink)) + sorted(selected) + list(range(n - cfg.local, n))
+        all_s, all_i = [], []
+        for rank, cache in enumerate(caches):
+            comm = _Gathered(world, lse[None])  # logsumexp over one row: the global value itself
+            sc, ix, accs[rank] = mass_candidates(q[layer], cache, layer, n, cfg, comm, accs[rank])
+            all_s.append(sc)
+            all_i.append(ix)
+        scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), n, cfg)
+        assert scope.row(0).selected().tolist() == expect, layer
+    assert expect != brute_force_scope(q[1][None], k[1], n, cfg)  # not the paper's selection here
