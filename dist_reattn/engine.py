@@ -415,10 +415,8 @@ class Engine:
         return logits
 
     def _check_room(self, c: int) -> None:
-        if self.n + c > self.capacity:
-            raise RuntimeError(
-                f"sequence of {self.n + c} tokens exceeds the engine's capacity {self.capacity}"
-            )
+        if (n := self.n + c) > self.capacity:
+            raise RuntimeError(f"sequence of {n} tokens exceeds the engine's capacity {self.capacity}")
 
     def view(self) -> EngineView:
         """What decode reads of this engine, for the sequence in the cache now."""
@@ -513,8 +511,7 @@ class Engine:
     def decode(self, first: int, max_new_tokens: int) -> Decoded:
         """Greedy tokens after the sequence in the cache, ``first`` (the last logits' argmax) first,
         until EOS or ``max_new_tokens`` in all: CUDA graph replays of the static step where
-        :func:`~dist_reattn.decode.graph_reason` allows (and ``graph``), else :meth:`decode_step`
-        by :meth:`decode_step`."""
+        :func:`~dist_reattn.decode.graph_reason` allows (and ``graph``), else one :meth:`decode_step` each."""
         eos = self.model.eos_ids
         if self.graph and max_new_tokens > 1 and first not in eos and graph_reason(self.view()) is None:
             d = GreedyDecoder(self.view()).run(first, max_new_tokens, eos)

@@ -8,7 +8,7 @@ Per layer and step (DESIGN "Distributed dataflow"):
   the chunk (``all_to_all``), or to every rank when every rank attends every chunk (``all_gather``);
 * :func:`fetch_rows`: the owners send only the selected rows of a scope, compacted to a bound that
   holds for any selection (:func:`fetch_capacity`), to the ranks that attend it (``all_to_all``);
-* :func:`gather_partials`: decode's per-owner attention partials.
+* :func:`merge_across`: decode's per-owner attention partials, merged by log-sum-exp.
 
 Every buffer has a shape fixed by the configuration, never by the data, so no exchange waits on
 the host for a count.
