@@ -147,7 +147,8 @@ class ReAttention:
         return self._engine
 
     def close(self) -> None:
-        """Leaves the process group that :func:`load` joined (under torchrun); idempotent."""
+        """Leaves the process group that :func:`load` joined (under torchrun), destroying it only if
+        :func:`load` created it (a group the caller initialized stays); idempotent."""
         self._engine = None
         if getattr(self, "_comm", None) is not None and self._comm.world > 1:
             shutdown(self._comm)

@@ -203,16 +203,18 @@ class ParallelConfig:
     every rank runs every chunk; the way for a model that does not fit one device). Decode steps
     run the model on every rank in ``sequence``."""
     decode: str = "lse"
-    """How decode attends with several ranks: ``lse`` (each rank attends over the scope tokens it
-    owns; partial outputs merged by log-sum-exp) or ``gather`` (scope K/V assembled on every rank)."""
+    """How decode attends: ``lse`` (the static step, ``dist_reattn.decode.StaticStep``, the one a CUDA
+    graph replays: each rank attends over the scope tokens it owns, partial outputs merged by
+    log-sum-exp) or ``gather`` (the prefill's step with one token: scope K/V assembled on every rank;
+    with one process too, where it is the reference the static step is tested against)."""
 
 
 @dataclass
 class GenerateConfig:
     graph: bool = True
     """Decode greedy tokens as CUDA graph replays where they apply (CUDA devices, no tensor
-    parallelism, a bounded scope: ``dist_reattn.decode.graph_reason``); elsewhere, and with False,
-    step by step."""
+    parallelism, ``parallel.decode=lse``, a bounded scope, no debug records:
+    ``dist_reattn.decode.graph_reason``); elsewhere, and with False, step by step."""
 
 
 @dataclass

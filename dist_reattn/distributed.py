@@ -117,6 +117,7 @@ class Comm:
         self.calls = 0  # collectives entered, for error messages
         self.profile = None  # a dist_reattn.profile.Profile; collectives are then timed as its phases
         self.heartbeat: Heartbeat | None = None
+        self.owns_group = False  # set by init_from_env when it created the group (shutdown destroys it)
 
     @classmethod
     def single(cls) -> Comm:
@@ -272,9 +273,11 @@ def init_from_env(timeout_s: float = 600.0, backend: str = "auto") -> Comm:
         torch.cuda.set_device(local_rank)
         # Fail instead of hanging when a peer dies: the watchdog aborts the communicator after the timeout.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-    if not dist.is_initialized():
+    created = not dist.is_initialized()  # else the caller's group: joined, never destroyed here
+    if created:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     comm = Comm.of_group(dist.group.WORLD, timeout_s)
+    comm.owns_group = created
     try:
         # The store init_process_group connected to (torchrun's or rank 0's); torch has no public getter.
         store = dist.distributed_c10d._get_default_store()
@@ -286,7 +289,9 @@ def init_from_env(timeout_s: float = 600.0, backend: str = "auto") -> Comm:
 
 
 def shutdown(comm: Comm) -> None:
+    """Stops ``comm``'s heartbeat and destroys its process group if :func:`init_from_env` created it
+    (a group the caller made stays theirs)."""
     if comm.heartbeat is not None:
         comm.heartbeat.stop()
-    if dist.is_initialized():
+    if comm.owns_group and dist.is_initialized():
         dist.destroy_process_group()

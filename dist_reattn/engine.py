@@ -1,8 +1,9 @@
 """Chunked prefill, greedy decode and generation in the modes reattention / streaming / full.
 
 One :class:`Engine` owns the preallocated KV cache for up to ``capacity`` tokens and runs one
-sequence at a time (``reset`` between sequences). Each forward of a chunk is one :class:`Step`: the
-model's attention layers call ``Step.attend`` with their un-rotated q, k, v.
+sequence at a time (``reset`` between sequences). Each forward of a prefill slab is one :class:`Step`
+and each decode token one :class:`~dist_reattn.decode.StaticStep` (where it applies): the model's
+attention layers call ``step.attend`` with their un-rotated q, k, v.
 """
 
 from __future__ import annotations
@@ -14,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from . import exchange
-from .attention import merge_partials, partial_attention, scope_attention
+from .attention import scope_attention
 from .cache import KVCache, Window
 from .config import ScopeConfig, ScopeLimits
-from .decode import Decoded, GreedyDecoder, graph_reason
+from .decode import Decoded, EngineView, GreedyDecoder, StaticStep, attend_all, graph_reason, static_reason
 from .distributed import Comm
 from .exchange import Part
 from .models.adapter import ReAttnModel
@@ -32,7 +33,7 @@ from .select import (
     score_chunks,
     select_scope,
 )
-from .sliding import SlidingLayers
+from .sliding import LayerStep, SlidingLayers
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Generation:
         return 1e3 * self.decode_seconds / max(self.decode_tokens, 1)
 
 
-class Step:
+class Step(LayerStep):
     """One forward of ``c`` new tokens at global positions ``[n0, n0 + c)``.
 
     In prefill a step is a slab of one or more chunks of ``scope.chunk`` tokens: the model's
@@ -71,10 +72,13 @@ class Step:
     as if the chunks had been fed one by one. Chunks of equal size past the plain-attention prefix
     are scored, selected and attended as one batch. With sequence groups (``part.split``) each rank
     runs the model over its own chunks only; every rank still scores every chunk against its shard.
+    Decode uses it with ``c = 1`` where :func:`~dist_reattn.decode.static_reason` says why the static
+    step cannot run.
     """
 
     def __init__(self, engine: Engine, n0: int, c: int, part: Part):
-        self.engine, self.n0, self.c, self.part = engine, n0, c, part
+        super().__init__(engine.sliding, engine.cache_slot, engine.comm, engine.profile, part, n0)
+        self.engine, self.c = engine, c
 
     def chunk_groups(self) -> list[tuple[int, int, int, bool]]:
         """``(offset, size, count, retrieval)`` runs of chunks that attend as one batch.
@@ -94,8 +98,8 @@ class Step:
                 groups.append((off, size, 1, retrieval))
         return groups
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None):
-        """Appends the step's K/V, chooses each chunk's scope, attends.
+    def attend_cached(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
+        """Appends the step's K/V to cache layer ``layer``, chooses each chunk's scope, attends.
 
         Args:
             q: ``[h, c_r, d]``; k, v: ``[h_kv, c_r, d]``; all un-rotated: this rank's heads (tensor
@@ -104,12 +108,7 @@ class Step:
         Returns:
             ``[c_r, h, d]``.
         """
-        e, prof, part = self.engine, self.engine.profile, self.part
-        scaling = scaling or q.shape[-1] ** -0.5
-        if e.sliding is not None and layer in e.sliding.layers:  # its own window, whatever the mode
-            with prof.phase("attention"):
-                return e.sliding.attend_step(e.comm, part, self.n0, layer, q, k, v, scaling)
-        layer = e.cache_slot[layer]  # from here on: the layer's index in the cache
+        e, prof, part = self.engine, self.profile, self.part
         if part.split:
             q_all, k_all, v_all = exchange.slab_qkv(e.comm, part.counts(), q, k, v)
         elif e.model.tensor_parallel:
@@ -135,8 +134,6 @@ class Step:
             per_rank = part.owners_in(first - count, count) if part.split else None
             q_chunks = q_all[:, off : off + size * count].unflatten(1, (count, size)).permute(1, 2, 0, 3)
             scope = e.scopes_for(layer, q_chunks, n, (b0, b1), per_rank)  # [b1 - b0, M]
-            if self.c == 1 and e.comm.world > 1 and e.decode_attention == "lse":
-                return e.attend_partials(layer, q_all[:, 0], scope.row(0), n, scaling)
             keys, values = e.scope_kv(layer, scope, per_rank)
             if b1 == b0:
                 continue
@@ -174,11 +171,12 @@ class Engine:
             the cache, the chunk included) is at least ``self.record_from`` (0: all).
         check_consensus: compare a checksum of every scope that all ranks compute across ranks;
             raise on disagreement.
-        decode: with several ranks, how a decode step attends: ``lse`` (each rank attends over the
-            scope tokens it owns, partial outputs merged by log-sum-exp: moves ``[H, d + 1]`` per rank
-            and layer) or ``gather`` (the scope K/V is assembled on every rank, as in prefill).
-        graph: decode greedy tokens by CUDA graph replay where :func:`~dist_reattn.decode.graph_reason`
-            allows it (CUDA devices, no tensor parallelism, a bounded scope); elsewhere the plain step.
+        decode: how a decode token attends: ``lse`` (the static step where
+            :func:`~dist_reattn.decode.static_reason` allows: each rank attends over the scope tokens
+            it owns, partials merged by log-sum-exp, ``[H, d + 1]`` per rank and layer) or ``gather``
+            (:class:`Step` with one token: the scope K/V assembled on every rank, as in prefill).
+        graph: decode by CUDA graph replays of the static step where
+            :func:`~dist_reattn.decode.graph_reason` allows; elsewhere token by token, eagerly.
 
     With several ranks and a model that is not tensor-parallel, a prefill slab of at least P
     chunks is split into sequence groups (:class:`~dist_reattn.exchange.Part`).
@@ -385,7 +383,9 @@ class Engine:
             ``[c, h, d]``.
         """
         if q.shape[1] == 1 and self.comm.world > 1 and self.decode_attention == "lse":
-            return self.attend_partials(layer, q_all[:, 0], None, n, scaling)
+            with self.profile.phase("attention"):
+                out = attend_all(self.cache, self.comm, layer, q_all[:, 0], *self.rope_table(n), scaling)
+            return out[self.q_heads][None].to(q.dtype)
         w, dev = self.window, q.device
         with self.profile.phase("kv_fetch"):
             lo = w.lo  # the same on every rank: tokens before it come from their owners
@@ -405,46 +405,6 @@ class Engine:
             )
             return out[0]
 
-    def attend_partials(
-        self, layer: int, q: torch.Tensor, scope: Scope | None, n: int, scaling: float
-    ) -> torch.Tensor:
-        """Decode attention split by token owner: each rank attends over its scope tokens, merged by LSE.
-
-        Args:
-            q: ``[H, d]`` un-rotated query of all heads (one token).
-            scope: this step's scope, or None for all ``n`` tokens at their own positions.
-
-        Returns:
-            ``[1, h, d]`` for this rank's query heads, in the model dtype.
-        """
-        cache = self.cache
-        with self.profile.phase("attention"):
-            if scope is None:
-                scope = Scope(torch.arange(n, device=q.device))
-            tokens, m = scope.tokens, scope.tokens.numel()
-            mine = cache.owned_mask(tokens)
-            if scope.valid is not None:
-                mine &= scope.valid
-            positions = torch.arange(m, device=q.device) if scope.positions is None else scope.positions
-            q_position, positions = positions[-1], positions[mine]  # the query is the scope's last token
-            rows = cache.to_local(tokens[mine])
-            cos, sin = self.rope_table(m)
-            out, lse = partial_attention(
-                q,
-                cache.k[layer, rows].transpose(0, 1),
-                cache.v[layer, rows].transpose(0, 1),
-                cos[positions],
-                sin[positions],
-                cos[q_position],
-                sin[q_position],
-                scaling,
-            )
-            packed = torch.cat([out, lse[:, None]], dim=1)  # [H, d + 1] fp32
-        every = exchange.gather_partials(self.comm, packed)  # [P, H, d + 1]
-        with self.profile.phase("attention"):
-            merged = merge_partials(every[..., :-1], every[..., -1])  # [H, d]
-            return merged[self.q_heads][None].to(q.dtype)
-
     def step(self, ids: torch.Tensor, stage: str = "prefill") -> torch.Tensor:
         """Feeds ``ids [c]`` at the end of the sequence; returns the last token's logits.
 
@@ -452,10 +412,7 @@ class Engine:
             stage: the profile stage this step's time counts under (``prefill`` or ``decode``).
         """
         c = ids.shape[0]
-        if self.n + c > self.capacity:
-            raise RuntimeError(
-                f"sequence of {self.n + c} tokens exceeds the engine's capacity {self.capacity}"
-            )
+        self._check_room(c)
         comm = self.comm
         part = Part.of_step(c, self.scope.chunk, comm.rank, comm.world, self.splits_steps())
         if comm.world > 1 and c > self.max_step:  # the replicated window holds one step's tokens
@@ -469,6 +426,47 @@ class Engine:
             logits = comm.broadcast(logits, part.owner[-1], "logits")
         self.profile.end(c)
         self.n += c
+        return logits
+
+    def _check_room(self, c: int) -> None:
+        if (n := self.n + c) > self.capacity:
+            raise RuntimeError(f"sequence of {n} tokens exceeds the engine's capacity {self.capacity}")
+
+    def view(self) -> EngineView:
+        """What decode reads of this engine, for the sequence in the cache now."""
+        debug = self.record_selection or self.check_consensus
+        return EngineView(
+            self.model,
+            self.cache,
+            self.window,
+            self.comm,
+            self.sliding,
+            self.cache_slot,
+            self.q_heads,
+            self.scope,
+            self.scoring,
+            self.heads,
+            self.rope_table,
+            self.profile,
+            self.check_and_record if debug else None,
+            self.decode_attention,
+            self.n,
+            self.capacity,
+        )
+
+    def decode_step(self, token: int, stage: str = "decode") -> torch.Tensor:
+        """Feeds one generated token; returns its logits. The static step (what a CUDA graph replays)
+        run eagerly, or the prefill's :class:`Step` where :func:`~dist_reattn.decode.static_reason`
+        says why not."""
+        view = self.view()
+        if static_reason(view) is not None:
+            return self.step(torch.tensor([token]), stage)
+        self._check_room(1)
+        self.profile.begin(stage)
+        step = StaticStep(view, torch.tensor([self.n], device=self.model.device))
+        logits = self.model.forward(torch.tensor([token]), step)
+        self.profile.end(1)
+        self.n = self.window.n = self.n + 1
         return logits
 
     def splits_steps(self) -> bool:
@@ -529,19 +527,20 @@ class Engine:
 
     def decode(self, first: int, max_new_tokens: int) -> Decoded:
         """Greedy tokens after the sequence in the cache, ``first`` (the last logits' argmax) first,
-        until EOS or ``max_new_tokens`` in all: CUDA graph replays where
-        :func:`~dist_reattn.decode.graph_reason` allows (and ``graph``), else step by step."""
+        until EOS or ``max_new_tokens`` in all: CUDA graph replays of the static step where
+        :func:`~dist_reattn.decode.graph_reason` allows (and ``graph``), else one :meth:`decode_step` each."""
         eos = self.model.eos_ids
-        if self.graph and max_new_tokens > 1 and first not in eos and graph_reason(self) is None:
-            d = GreedyDecoder(self).run(first, max_new_tokens, eos)
+        if self.graph and max_new_tokens > 1 and first not in eos and graph_reason(self.view()) is None:
+            d = GreedyDecoder(self.view()).run(first, max_new_tokens, eos)
+            self.n = self.window.n = self.n + d.fed
             self.profile.add(
                 "decode_warmup", "graph", d.warmup_seconds, tokens=d.warmup_steps, steps=d.warmup_steps
             )
             self.profile.add("decode", "graph", d.seconds, tokens=d.steps, steps=d.steps)
             return d
-        return self._decode_plain([first], max_new_tokens)
+        return self._decode_steps([first], max_new_tokens)
 
-    def _decode_plain(self, out: list[int], max_new_tokens: int) -> Decoded:
+    def _decode_steps(self, out: list[int], max_new_tokens: int) -> Decoded:
         """Greedy steps one by one; the first step (the c = 1 kernels compile there) is the warm-up."""
         sync = torch.cuda.synchronize if self.model.device.type == "cuda" else (lambda: None)
         t0 = time.perf_counter()
@@ -550,9 +549,9 @@ class Engine:
             if len(out) == 2:
                 sync()
                 warm = time.perf_counter()
-            stage = "decode_warmup" if len(out) == 1 else "decode"
-            logits = self.step(torch.tensor([out[-1]]), stage=stage)
-            out.append(int(logits.argmax()))
+            out.append(
+                int(self.decode_step(out[-1], "decode_warmup" if len(out) == 1 else "decode").argmax())
+            )
         sync()
         t1 = time.perf_counter()
         warm = t1 if warm is None else warm

@@ -8,7 +8,7 @@ Per layer and step (DESIGN "Distributed dataflow"):
   the chunk (``all_to_all``), or to every rank when every rank attends every chunk (``all_gather``);
 * :func:`fetch_rows`: the owners send only the selected rows of a scope, compacted to a bound that
   holds for any selection (:func:`fetch_capacity`), to the ranks that attend it (``all_to_all``);
-* :func:`gather_partials`: decode's per-owner attention partials.
+* :func:`merge_across`: decode's per-owner attention partials, merged by log-sum-exp.
 
 Every buffer has a shape fixed by the configuration, never by the data, so no exchange waits on
 the host for a count.
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import merge_partials
 from .cache import KVCache
 from .distributed import Comm
 
@@ -235,6 +236,11 @@ def _pad_heads(x: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((*x.shape[:-2], width - x.shape[-2], x.shape[-1]))], dim=-2)
 
 
-def gather_partials(comm: Comm, packed: torch.Tensor) -> torch.Tensor:
-    """Decode's per-owner attention partials ``[H, d + 1]`` (output and log-sum-exp, fp32) of every rank."""
-    return comm.all_gather(packed, "decode_partials")
+def merge_across(comm: Comm, out: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Decode attention from every rank's per-owner partials (``out [H, d]``, ``lse [H]`` fp32, of
+    :func:`~dist_reattn.attention.partial_attention`): one all-gather of ``[H, d + 1]``, merged
+    exactly by log-sum-exp. Returns ``[H, d]`` fp32 (one rank: ``out``)."""
+    if comm.world == 1:
+        return out
+    every = comm.all_gather(torch.cat([out, lse[:, None]], dim=1), "decode_partials")  # [P, H, d + 1]
+    return merge_partials(every[..., :-1], every[..., -1])

@@ -29,6 +29,7 @@ from . import exchange
 from .attention import apply_rope
 from .distributed import Comm
 from .exchange import Part
+from .profile import Profile
 
 
 class SlidingLayers:
@@ -73,7 +74,7 @@ class SlidingLayers:
         self,
         comm: Comm,
         part: Part,
-        n0: int,
+        n0: int | torch.Tensor,
         layer: int,
         q: torch.Tensor,
         k: torch.Tensor,
@@ -84,6 +85,7 @@ class SlidingLayers:
 
         Args:
             part: the step's chunks and which rank runs them; the step covers tokens ``[n0, n0 + c)``.
+            n0: an int, or a ``[1]`` device tensor (the static decode step: nothing read on the host).
             q: ``[h, c_r, d]``; k, v: ``[h_kv, c_r, d]``; un-rotated, this rank's heads and tokens.
 
         Returns:
@@ -96,11 +98,49 @@ class SlidingLayers:
         values = torch.cat([self.v[s], v.transpose(0, 1)])
         first = keep + part.span()[0]  # row of this rank's first query
         out = window_attention(
-            q, keys, values, first, max(0, keep - n0), self.window, self.block, self.cos, self.sin, scaling
+            q, keys, values, first, keep - n0, self.window, self.block, self.cos, self.sin, scaling
         )
         self.k[s] = keys[keys.shape[0] - keep :]
         self.v[s] = values[values.shape[0] - keep :]
         return out
+
+
+class LayerStep:
+    """The step object a forward hands every attention layer (``reattn_step``): a sliding layer
+    attends over its own window whatever the mode; any other layer goes to :meth:`attend_cached`
+    with its index in the KV cache. Subclasses (:class:`~dist_reattn.engine.Step`,
+    :class:`~dist_reattn.decode.StaticStep`) implement :meth:`attend_cached`.
+
+    Args:
+        sliding: the sliding layers' windows, or None; cache_slot: model layer -> cache layer.
+        comm, profile, part: the step's ranks, the engine's profile, the step's chunks.
+        n0: the step's first token: an int, or a ``[1]`` device tensor.
+    """
+
+    def __init__(
+        self,
+        sliding: SlidingLayers | None,
+        cache_slot: dict[int, int],
+        comm: Comm,
+        profile: Profile,
+        part: Part,
+        n0: int | torch.Tensor,
+    ):
+        self.sliding, self.cache_slot, self.comm = sliding, cache_slot, comm
+        self.profile, self.part, self.n0 = profile, part, n0
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float | None):
+        """The model's attention hook. Args: q ``[h, c_r, d]``; k, v ``[h_kv, c_r, d]``, un-rotated.
+        Returns ``[c_r, h, d]``."""
+        scaling = scaling or q.shape[-1] ** -0.5
+        if self.sliding is not None and layer in self.sliding.layers:
+            with self.profile.phase("attention"):
+                return self.sliding.attend_step(self.comm, self.part, self.n0, layer, q, k, v, scaling)
+        return self.attend_cached(self.cache_slot[layer], q, k, v, scaling)
+
+    def attend_cached(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
+        """A layer of the KV cache (``layer``: its index there); the arguments as :meth:`attend`'s."""
+        raise NotImplementedError
 
 
 def window_attention(
@@ -108,7 +148,7 @@ def window_attention(
     keys: torch.Tensor,
     values: torch.Tensor,
     first: int,
-    valid_from: int,
+    valid_from: int | torch.Tensor,
     window: int,
     block: int,
     cos: torch.Tensor,
@@ -120,7 +160,8 @@ def window_attention(
     Args:
         q: ``[H, c, d]`` un-rotated queries of the tokens at rows ``first .. first + c - 1`` of ``keys``.
         keys, values: ``[m, Hkv, d]`` un-rotated, consecutive tokens; ``first >= window - 1``.
-        valid_from: rows before it are not tokens (the sequence starts there).
+        valid_from: rows before it are not tokens (the sequence starts there); an int or a ``[1]``
+            device tensor, at most 0 once the sequence fills the window.
         window: query row ``r`` sees rows ``(r - window, r]``.
         cos, sin: ``[>= window - 1 + block, d]`` rotary tables at positions ``0, 1, ...``.
 

@@ -13,9 +13,9 @@ from the same state:
 
 * ``graph``: greedy tokens by CUDA graph replay (:class:`~dist_reattn.decode.GreedyDecoder`); its
   warm-up (eager steps with compilation, and the capture) is timed apart;
-* ``plain``: the engine's step-by-step path, first step (compilation) apart; how many leading tokens
-  it shares with the graph's is recorded (its attention is SDPA, the graph's an fp32 softmax: they
-  can part at a near-tie);
+* ``plain``: the prefill's step (``Engine.step``) fed one token at a time, first step (compilation)
+  apart; how many leading tokens it shares with the graph's is recorded (its attention is SDPA, the
+  graph's an fp32 softmax: they can part at a near-tie);
 * ``hf``: the unmodified Hugging Face model's own decode, full attention through SDPA, its
   ``DynamicCache`` filled with random keys and values of the same length (where it fits; one
   process only: the HF model does not shard its cache);
@@ -130,6 +130,18 @@ def hf_decode(hf, n: int, tokens: int, first: int) -> float:
     return 1e3 * (time.perf_counter() - t0) / tokens
 
 
+def plain_steps(engine: Engine, first: int, tokens: int) -> tuple[list[int], float, float]:
+    """Greedy tokens by the prefill's step, one token per step: (tokens, seconds of the first step,
+    ms per step after it)."""
+    out, t = [first], [time.perf_counter()]
+    for i in range(tokens):
+        out.append(int(engine.step(torch.tensor([out[-1]]), stage="decode").argmax()))
+        if i in (0, tokens - 1):
+            torch.cuda.synchronize()
+            t.append(time.perf_counter())
+    return out, t[1] - t[0], 1e3 * (t[-1] - t[1]) / max(tokens - 1, 1)
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     """How many leading tokens two generations share."""
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
@@ -196,19 +208,17 @@ def bench(args, argv, cfg, lengths: list[int], out, comm) -> int:
     for n in lengths:
         row: dict = {"len": n}
         fill_cache(engine, n, seed=n)
-        reason = graph_reason(engine)
+        reason = graph_reason(engine.view())
         if reason:
             raise ConfigError(f"--len {format_count(n)}: no CUDA graph decode here ({reason})")
         first = 7  # any token id: the state is random anyway
-        g = GreedyDecoder(engine).run(first, args.tokens + 3, eos=set())  # 2 warm-up steps, then replays
+        g = GreedyDecoder(engine.view()).run(first, args.tokens + 3, eos=set())  # 2 warm-up steps, replays
         row.update(graph_ms=g.ms_per_token, graph_warmup_s=g.warmup_seconds, captured=g.graph)
         if not args.no_plain:
-            engine.graph, engine.n = False, n
-            pl = engine.decode(first, args.tokens + 2)  # 1 warm-up step, then the timed ones
-            engine.graph = True
-            row.update(plain_ms=pl.ms_per_token, plain_warmup_s=pl.warmup_seconds)
-            row["plain_common_prefix"] = common_prefix(pl.tokens, g.tokens)
-            row["plain_compared"] = min(len(pl.tokens), len(g.tokens))  # (the plain path stops at an EOS)
+            tokens, row["plain_warmup_s"], row["plain_ms"] = plain_steps(engine, first, args.tokens + 1)
+            engine.n = n
+            row["plain_common_prefix"] = common_prefix(tokens, g.tokens)
+            row["plain_compared"] = min(len(tokens), len(g.tokens))
         if run_hf:
             try:
                 torch.cuda.empty_cache()
@@ -224,10 +234,8 @@ def bench(args, argv, cfg, lengths: list[int], out, comm) -> int:
             graph_gb_s=b / (row["graph_ms"] / 1e3) / 1e9,
         )
         if n == max(lengths) and args.same_tokens:
-            engine.n = n
-            rep = GreedyDecoder(engine).run(first, args.same_tokens, eos=set())
-            engine.n = n
-            eager = GreedyDecoder(engine, capture=False).run(first, args.same_tokens, eos=set())
+            rep = GreedyDecoder(engine.view()).run(first, args.same_tokens, eos=set())
+            eager = GreedyDecoder(engine.view(), capture=False).run(first, args.same_tokens, eos=set())
             row.update(
                 same_tokens=args.same_tokens,
                 replay_equals_eager=rep.tokens == eager.tokens,

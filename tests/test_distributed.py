@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 from tiny_models import ARCHS, tiny_model
 
@@ -52,26 +53,32 @@ CASES = [
 
 def greedy(engine: Engine, ids: torch.Tensor) -> tuple[torch.Tensor, list[int], list]:
     """Prefill, then NEW greedy decode steps: (logits of every step ``[NEW + 1, vocab]``, tokens, scopes)."""
-    engine.reset()
     logits, tokens = [engine.prefill(ids)], []
     for _ in range(NEW):
         tokens.append(int(logits[-1].argmax()))
-        logits.append(engine.step(torch.tensor([tokens[-1]]), stage="decode"))
+        logits.append(engine.decode_step(tokens[-1]))
     return torch.stack(logits), tokens, list(engine.selections)
 
 
 def run_all(comm: Comm, layout: str = "sequence", archs=ARCHS, page: int = PAGE) -> dict:
-    """Logits, greedy tokens and every step's scope, per (arch, mode, decode attention)."""
+    """Logits, greedy tokens and every step's scope, per (arch, mode, decode attention): ``lse`` decodes
+    with the static step (where it applies), ``gather`` with the prefill's step."""
     ids = torch.randint(0, 120, (N,), generator=torch.Generator().manual_seed(1))
     out = {}
     for arch in archs:
         model = ReAttnModel(tiny_model(arch), comm, tensor_parallel=layout == "tensor")
         for mode, scope in SCOPES.items():
-            engine = Engine(
-                model, scope, N + NEW, comm=comm, page=page, record_selection=True, check_consensus=True
-            )
             for decode in ("lse", "gather"):
-                engine.decode_attention = decode
+                engine = Engine(
+                    model,
+                    scope,
+                    N + NEW,
+                    comm,
+                    page,
+                    record_selection=True,
+                    check_consensus=True,
+                    decode=decode,
+                )
                 logits, tokens, selections = greedy(engine, ids)
                 out[arch, mode, decode] = {"logits": logits, "tokens": tokens, "selections": selections}
     out["stats"] = comm.stats.as_dict()
@@ -143,7 +150,7 @@ def test_ranks_match_single_process(world, layout, archs, reference, tmp_path):
     for arch in archs:
         for mode in SCOPES:
             for decode in ("lse", "gather"):
-                ref = reference[arch, mode, "gather"]  # one rank: both forms are the same code
+                ref = reference[arch, mode, "gather"]  # one rank, decoding with the prefill's step
                 where = f"{arch} {mode} decode={decode} P={world} {layout}"
                 want = {(layer, n): s for layer, n, s in ref["selections"]}
                 got_sel = merged_selections(results, (arch, mode, decode))
@@ -204,3 +211,21 @@ def test_a_hung_rank_fails_the_job_within_the_timeout(tmp_path):
         message.startswith("rank 0/2: collective #1 (probe) failed")
         and "another rank died or hangs; not there: rank 1 (entered #0)" in message
     )
+
+
+def test_shutdown_destroys_only_a_group_it_created(monkeypatch):
+    # ReAttention.close() and the launch scripts end with shutdown(): a group the caller initialized
+    # before load() is joined and used, and stays the caller's.
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
+    for key, value in {**env, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "LOCAL_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    dist.init_process_group("gloo")
+    try:
+        comm = init_from_env(timeout_s=30, backend="gloo")
+        shutdown(comm)
+        assert dist.is_initialized() and not comm.owns_group
+    finally:
+        dist.destroy_process_group()
+    comm = init_from_env(timeout_s=30, backend="gloo")
+    shutdown(comm)
+    assert comm.owns_group and not dist.is_initialized()
