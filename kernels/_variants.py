@@ -9,12 +9,16 @@ summation order (tiles, warps, stages, split count, path, merge, the two-pass fi
 Only with ``inexact=True`` does it also run the two same-run benchmark baselines that return WRONG
 results by design: ``SCORE_ONLY`` (one-pass scores and a row max, no top-k) and ``FILTER`` 2
 (session 4's ``s >= tau`` filter, which can drop a winner: DESIGN.md section 7).
+
+:func:`score_topk_fp8_variant` does the same for the approximate FP8 path (:mod:`.fp8`), and can
+return the tiles pass 1 chose.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .fp8 import MAX_KEEP, _check_fp8_inputs, _fp8_two_pass, check_fp8, fp8_config, fp8_picks
 from .score_topk import _check_inputs, _launch, default_config
 
 CONFIG_KEYS = {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "MERGE", "SCORE_ONLY", "TWO_PASS",
@@ -80,3 +84,56 @@ def score_topk_variant(
     else:
         assert "FILTER" not in cfg, "FILTER is a two-pass option: add TWO_PASS=True (topk <= 4)"
     return _launch(q, k, start, end, topk, splits, cfg)
+
+
+FP8_CONFIG_KEYS = {
+    "BLOCK_M",
+    "BLOCK_N",
+    "num_warps",
+    "num_stages",
+    "GATE",
+    "BLOCK_M2",
+    "num_warps2",
+    "num_stages2",
+}
+
+
+def score_topk_fp8_variant(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    k8: torch.Tensor,
+    scale: torch.Tensor,
+    start: int,
+    end: int,
+    topk: int,
+    margin: int,
+    *,
+    splits: int | None = None,
+    config: dict | None = None,
+    return_picks: bool = False,
+):
+    """:func:`~.fp8.score_topk_fp8` with ``config`` over :func:`~.fp8.fp8_config`.
+
+    Args:
+        q, k, k8, scale, start, end, topk, margin: as for :func:`~.fp8.score_topk_fp8`.
+        splits: key-range splits per row block of pass 1 (default: enough to fill the GPU).
+        config: overrides: ``BLOCK_M``, ``num_warps``, ``num_stages`` (pass 1), ``GATE`` (pass 1
+            inserts only when some row of the block gains: 1; always: 0), ``BLOCK_M2``,
+            ``num_warps2``, ``num_stages2`` (plan and pass 2). ``BLOCK_N`` stays ``FP8_TILE``.
+        return_picks: also return each row's chosen tiles, ``[c, H, topk + margin]`` int64 (-1 for
+            none), ordered by pass 1's maxima descending, then tile ascending.
+
+    Returns:
+        ``(scores, index)`` ``[c, H, topk]``, and the picks if asked.
+    """
+    check_fp8(q.device)
+    _check_fp8_inputs(q, k, k8, scale, start, end, topk, margin)
+    c, H, d = q.shape
+    cfg = {**fp8_config(H // k.shape[1] * c, d), **(config or {})}
+    unknown = set(cfg) - FP8_CONFIG_KEYS
+    assert not unknown, f"unknown config keys: {sorted(unknown)}"
+    assert topk + margin <= MAX_KEEP
+    v, i, plan = _fp8_two_pass(q, k, k8, scale, start, end, topk, margin, splits, cfg)
+    if return_picks:
+        return v, i, fp8_picks(plan[1], c, H, topk + margin)
+    return v, i

@@ -213,6 +213,7 @@ if triton is not None:
         HEAD_DIM: tl.constexpr,
         TOPK: tl.constexpr,
         TOPK_PAD: tl.constexpr,
+        PICK_PAD: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr,
@@ -225,7 +226,10 @@ if triton is not None:
         its own picked tiles, and from the block's other tiles only scores at or above its bound
         ``tau`` (pass 1's k-th tile max, an optimisation: the proof in :func:`_two_pass` needs only
         the own tiles). ``FILTER`` 0: every key of every listed tile. ``FILTER`` 2 (benchmark
-        baseline only, not exact): session 4's ``s >= tau`` alone."""
+        baseline only, not exact): session 4's ``s >= tau`` alone. ``FILTER`` 3 (the FP8 path,
+        :mod:`.fp8`): every key of the row's own picked tiles and nothing else, so a row's result
+        does not depend on which rows share its block. A row's picks are ``picks`` [Hkv, rows_pad,
+        PICK_PAD] (``PICK_PAD`` is ``TOPK_PAD`` on the exact path)."""
         pid_m = tl.program_id(0)
         kvh = tl.program_id(1)
         rows, row_ok, tok, head, q = _load_q(
@@ -236,9 +240,10 @@ if triton is not None:
         slots = tl.arange(0, TOPK_PAD)
         if FILTER >= 1:
             tau = tl.load(tau_ptr + kvh * rows_pad + rows, mask=row_ok, other=float("inf"))
-        if FILTER == 1:
-            row_off = (kvh * rows_pad + rows).to(tl.int64)[:, None] * TOPK_PAD
-            own = tl.load(picks_ptr + row_off + slots[None, :], mask=row_ok[:, None], other=2147483647)
+        if FILTER == 1 or FILTER == 3:
+            picked = tl.arange(0, PICK_PAD)
+            row_off = (kvh * rows_pad + rows).to(tl.int64)[:, None] * PICK_PAD
+            own = tl.load(picks_ptr + row_off + picked[None, :], mask=row_ok[:, None], other=2147483647)
 
         blk = kvh * n_blocks + pid_m
         count = tl.minimum(tl.load(count_ptr + blk), n_ids)
@@ -259,6 +264,9 @@ if triton is not None:
                 keep = col_ok[None, :] & ((s >= tau[:, None]) | mine[:, None])
             elif FILTER == 2:  # session 4's filter, inexact: a benchmark baseline only
                 keep = col_ok[None, :] & (s >= tau[:, None])
+            elif FILTER == 3:
+                mine = tl.max((own == tile).to(tl.int32), axis=1) > 0
+                keep = col_ok[None, :] & mine[:, None]
             else:
                 keep = col_ok[None, :]
             s = tl.where(keep, s, float("-inf"))
@@ -340,20 +348,33 @@ def _first_pass(q, k, start, end, topk, splits, cfg):
         HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRETED, IEEE=q.dtype == torch.float32,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
-    n_blocks, topk_pad = rows_pad // block_m2, max(2, _next_pow2(topk))
-    tau = torch.empty((Hkv, rows_pad), dtype=torch.float32, device=q.device)
-    picks = torch.empty((Hkv, rows_pad, topk_pad), dtype=torch.int32, device=q.device)
-    ids = torch.empty((Hkv, n_blocks, block_m2 * topk_pad), dtype=torch.int32, device=q.device)
-    count = torch.empty((Hkv, n_blocks), dtype=torch.int32, device=q.device)
+    return _plan(cand_a, cand_t, topk, block_m2)
+
+
+def _plan(cand_a, cand_t, keep, block_m2):
+    """:func:`_plan_kernel` over pass 1's candidates ``cand_a``/``cand_t`` [Hkv, rows_pad, n_cand]
+    (fp32 tile maxima, int32 tiles, contiguous): each row's ``keep`` best tiles, per block of
+    ``block_m2`` rows. Returns ``(tau, picks, ids, count)`` as :func:`_first_pass`."""
+    Hkv, rows_pad, n_cand = cand_a.shape
+    n_blocks, keep_pad = rows_pad // block_m2, max(2, _next_pow2(keep))
+    dev = cand_a.device
+    tau = torch.empty((Hkv, rows_pad), dtype=torch.float32, device=dev)
+    picks = torch.empty((Hkv, rows_pad, keep_pad), dtype=torch.int32, device=dev)
+    ids = torch.empty((Hkv, n_blocks, block_m2 * keep_pad), dtype=torch.int32, device=dev)
+    count = torch.empty((Hkv, n_blocks), dtype=torch.int32, device=dev)
+    # The repeat test is [n, n] over the block's n = block_m2 * keep_pad picks: the exact path
+    # (keep <= 4) keeps its one warp; the FP8 path's longer lists take more.
+    warps = 1 if keep_pad <= 4 else min(8, block_m2 * keep_pad // 32)
     _plan_kernel[(n_blocks, Hkv)](
-        cand_a, cand_t, tau, picks, ids, count, splits * 4, rows_pad, n_blocks,
-        TOPK=topk, TOPK_PAD=topk_pad, BLOCK_M=block_m2, CAND_PAD=_next_pow2(splits * 4), num_warps=1,
+        cand_a, cand_t, tau, picks, ids, count, n_cand, rows_pad, n_blocks,
+        TOPK=keep, TOPK_PAD=keep_pad, BLOCK_M=block_m2, CAND_PAD=_next_pow2(n_cand), num_warps=warps,
     )  # fmt: skip
     return tau, picks, ids, count
 
 
 def _second_pass(q, k, start, end, topk, cfg, plan):
-    """Pass 2 over the tiles ``plan`` (from :func:`_first_pass`) lists: sorted ``[c, H, topk]``."""
+    """Pass 2 over the tiles ``plan`` (from :func:`_first_pass`, or the FP8 pass of :mod:`.fp8`)
+    lists: sorted ``[c, H, topk]``."""
     tau, picks, ids, count = plan
     c, H, d = q.shape
     Hkv = k.shape[1]
@@ -361,12 +382,15 @@ def _second_pass(q, k, start, end, topk, cfg, plan):
     n_blocks, rows_pad = ids.shape[1], tau.shape[1]
     out_v = torch.empty((c, H, topk), dtype=torch.float32, device=q.device)
     out_i = torch.empty((c, H, topk), dtype=torch.int64, device=q.device)
+    filt = cfg.get("FILTER", 0)
+    topk_pad = max(2, _next_pow2(topk))
+    assert filt != 1 or picks.shape[-1] == topk_pad, "FILTER 1 takes the row's k picks"
     _revisit_kernel[(n_blocks, Hkv)](
         q, k, tau, picks, ids, count, out_v, out_i,
         g * c, g, start, end, ids.shape[-1], n_blocks, rows_pad,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), out_v.stride(0), out_v.stride(1),
-        HEAD_DIM=d, TOPK=topk, TOPK_PAD=picks.shape[-1], BLOCK_M=cfg["BLOCK_M2"], BLOCK_N=cfg["BLOCK_N"],
-        UPCAST=INTERPRETED, IEEE=q.dtype == torch.float32, MERGE=cfg.get("MERGE", 0),
-        FILTER=cfg.get("FILTER", 0), num_warps=cfg.get("num_warps2", 1), num_stages=cfg.get("num_stages2", 3),
+        HEAD_DIM=d, TOPK=topk, TOPK_PAD=topk_pad, PICK_PAD=picks.shape[-1], BLOCK_M=cfg["BLOCK_M2"],
+        BLOCK_N=cfg["BLOCK_N"], UPCAST=INTERPRETED, IEEE=q.dtype == torch.float32, MERGE=cfg.get("MERGE", 0),
+        FILTER=filt, num_warps=cfg.get("num_warps2", 1), num_stages=cfg.get("num_stages2", 3),
     )  # fmt: skip
     return out_v, out_i
