@@ -13,6 +13,10 @@
 #                                                 # on both models: SmolLM2 and Gemma-3-270M at 32K and 128K,
 #                                                 # prose (10 samples) and noise (5; 3 at 128K), Gemma's full-
 #                                                 # attention ceiling at 32K, SmolLM2 at 1M (2 prose, 1 noise)
+#   bash launch/gpu_select.sh OUT mass            # scope.select=mass against paper on the same samples in the same
+#                                                 # run: SmolLM2 at 32K and 128K (the four prose tasks, 10 samples;
+#                                                 # noise, 5), Gemma-3-270M at 32K (niah_single_2/3) and 128K
+#                                                 # (niah_single_2), 10 samples; SmolLM2 mass at 1M (2 samples)
 # GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead, where the
 # package is not installed (the device machine, which has no network: launch/results/*/README.md).
 # One launch/ruler.py process per (selection, length), all at once on the one GPU (SmolLM2 cannot keep
@@ -83,6 +87,18 @@ for s in "${stages[@]}"; do
       one models gemma-prose3-32K "${GEMMA[@]}" --tasks ${PROSE#niah_single_2,} --len 32K --samples 10 --ceiling none
       one models gemma-full-32K "${GEMMA[@]}" --tasks $PROSE --len 32K --samples 10 --ceiling none --mode full
       one models smollm2-1M --tasks niah_single_2,niah_single_1 --len 1M --samples 2 --ceiling none
+      ;;
+    mass)
+      for sel in paper mass; do
+        for n in 32K 128K; do
+          one mass "smollm2-$sel-a-$n" --tasks niah_single_2,niah_single_3 --len $n --samples 10 --ceiling none --scope.select=$sel
+          one mass "smollm2-$sel-b-$n" --tasks niah_multikey_1,niah_multivalue --len $n --samples 10 --ceiling none --scope.select=$sel
+          one mass "smollm2-$sel-noise-$n" --tasks niah_single_1 --len $n --samples 5 --ceiling none --scope.select=$sel
+        done
+        one mass "gemma-$sel-32K" "${GEMMA[@]}" --tasks niah_single_2,niah_single_3 --len 32K --samples 10 --ceiling none --scope.select=$sel
+        one mass "gemma-$sel-128K" "${GEMMA[@]}" --tasks niah_single_2 --len 128K --samples 10 --ceiling none --scope.select=$sel
+      done
+      one mass smollm2-mass-1M --tasks niah_single_2 --len 1M --samples 2 --ceiling none --scope.select=mass
       ;;
     *) echo "unknown stage $s" >&2 && continue ;;
   esac
