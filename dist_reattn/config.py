@@ -17,7 +17,7 @@ import yaml
 MODES = ("reattention", "streaming", "full")
 # What the retrieval's top-k ranks the middle keys by (ScopeConfig.select; docs/DESIGN.md section 2).
 SCORINGS = ("paper", "qkv", "qkv2", "qk_pe")  # what a head's top-k ranks keys by
-SELECTIONS = (*SCORINGS, "mass")
+SELECTIONS = (*SCORINGS, "mass", "mass_shared")
 SCORE_NORMS = {"qkv": 1, "qkv2": 2}  # selections that score keys weighted by this norm of their value
 # Presets ship inside the package as dist_reattn/configs (pyproject.toml maps the top-level configs/
 # there); an editable checkout has them at the top level only.
@@ -66,7 +66,9 @@ class ScopeConfig:
     Votes, clip, spans and attention are the same for these. ``mass``: steps of one token (the
     prompt's last token, fed alone, and decode) keep the ``recall_clip`` keys of largest attention
     mass summed over the query heads and over the retrieving layers so far (no per-head top-k, no
-    votes; :func:`~dist_reattn.select.mass_candidates`); longer steps select as ``paper``."""
+    votes; :func:`~dist_reattn.select.mass_candidates`); longer steps select as ``paper``.
+    ``mass_shared``: as ``mass``, then the token runs a second time with every layer attending the
+    scope of the last retrieving layer (the mass of all layers): twice the cost of a one-token step."""
     heads: str = ""
     """A JSON file naming the retrieval heads per retrieving layer (made from the selection probe:
     ``python -m dist_reattn.report.selection_report ... --heads-out FILE``): their top-k picks

@@ -38,7 +38,7 @@ from .config import ScopeConfig
 from .distributed import Comm
 from .exchange import Part
 from .profile import Profile
-from .select import Scope, Scoring, retrieves, score_chunks, select_scope
+from .select import Scope, Scoring, fuses_mass, retrieves, score_chunks, select_scope
 from .sliding import LayerStep, SlidingLayers
 
 if TYPE_CHECKING:
@@ -91,8 +91,8 @@ def static_reason(view: EngineView) -> str | None:
         return "parallel.decode=gather (the scope's K/V is assembled on every rank: the prefill's step)"
     if cfg.mode == "full":
         return "full mode attends over every token (a scope that grows each step)"
-    if cfg.select == "mass":
-        return "scope.select=mass selects in the prefill's step (its fused mass is not in the static step yet)"
+    if fuses_mass(cfg, 1):
+        return f"scope.select={cfg.select} selects in the prefill's step (its fused mass is not in the static step yet)"
     if view.n + 1 <= cfg.sink + cfg.local:
         return f"the cache holds {view.n} tokens, inside sink + local = {cfg.sink + cfg.local}"
     return None

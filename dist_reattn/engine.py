@@ -255,6 +255,8 @@ class Engine:
         :class:`~dist_reattn.probe.SelectionProbe`); ``q`` and ``n`` as in :meth:`scopes_for`."""
         self._cos = self._sin = None
         self._mass: torch.Tensor | None = None  # scope.select=mass: the step's fused mass so far
+        self._last_scope: Scope | None = None  # the scope of the step's last retrieving layer
+        self._shared_scope: Scope | None = None  # mass_shared's second pass: every layer's scope
         self._heads_file: str | None = None
         self._use(self.scope)
 
@@ -300,6 +302,11 @@ class Engine:
         """
         cfg, (b0, b1) = self.scope, mine
         B, c = q.shape[:2]
+        if self._shared_scope is not None:  # mass_shared's second pass: one scope for every layer
+            scope = self._shared_scope
+            if self.check_consensus or self.record_selection:
+                self.check_and_record(layer, n, scope.row(0), True)
+            return scope
         candidates = None
         if retrieves(cfg):
             if self.probe is not None:
@@ -317,6 +324,7 @@ class Engine:
         if self.check_consensus or self.record_selection:
             for b in range(b1 - b0):
                 self.check_and_record(layer, n + (b0 + b) * c, scope.row(b), per_rank is None)
+        self._last_scope = scope
         return scope
 
     def check_and_record(self, layer: int, n: int, scope: Scope, shared: bool) -> None:
@@ -421,7 +429,20 @@ class Engine:
             )
         self.profile.begin(stage)
         a, b = part.span()
+        shared = self.scope.select == "mass_shared" and fuses_mass(self.scope, c)
+        saved = self.sliding.state() if shared and self.sliding is not None else None
+        self._last_scope = None
         logits = self.model.forward(ids[a:b], Step(self, self.n, c, part))
+        if shared and self._last_scope is not None:
+            # Second pass: every layer attends the scope of the first pass's last retrieving layer,
+            # chosen by the mass of all of them; the token's K/V are written again at the same rows.
+            if saved is not None:
+                self.sliding.restore(saved)
+            self._shared_scope = self._last_scope
+            try:
+                logits = self.model.forward(ids[a:b], Step(self, self.n, c, part))
+            finally:
+                self._shared_scope = None
         if part.split:  # the prompt's last token ran on the last chunk's rank
             logits = comm.broadcast(logits, part.owner[-1], "logits")
         self.profile.end(c)

@@ -126,9 +126,10 @@ def score_chunks(
 
 
 def fuses_mass(cfg: ScopeConfig, c: int) -> bool:
-    """Whether a step of ``c`` query tokens selects by fused attention mass (``scope.select=mass``:
-    steps of one token, the prompt's last and decode; longer steps select as the paper does)."""
-    return cfg.select == "mass" and c == 1
+    """Whether a step of ``c`` query tokens selects by fused attention mass (``scope.select=mass`` or
+    ``mass_shared``: steps of one token, the prompt's last and decode; longer steps select as the
+    paper does)."""
+    return cfg.select in ("mass", "mass_shared") and c == 1
 
 
 def mass_candidates(

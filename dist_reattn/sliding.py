@@ -70,6 +70,15 @@ class SlidingLayers:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    def state(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A copy of every sliding layer's buffer (``scope.select=mass_shared`` runs a token twice)."""
+        return self.k.clone(), self.v.clone()
+
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Puts back the buffers :meth:`state` copied."""
+        self.k.copy_(state[0])
+        self.v.copy_(state[1])
+
     def attend_step(
         self,
         comm: Comm,

@@ -34,9 +34,10 @@ SCOPES = {
     # 8 chunks per forward: split into sequence groups at every P <= 8 (the last step, 2 chunks, at P <= 2)
     "reattention-slab8": ScopeConfig(mode="reattention", **_R, slab=8),
     "streaming-slab8": ScopeConfig(mode="streaming", **_R, slab=8),
-    # steps of one token (the prompt's last, decode) keep the keys of largest fused attention mass:
-    # the log-sum-exp of every rank, the mass summed over the layers
-    "reattention-mass": ScopeConfig(mode="reattention", **_R, slab=3, select="mass"),
+    # steps of one token (the prompt's last, decode) keep the keys of largest fused attention mass
+    # (the log-sum-exp of every rank, the mass summed over the layers), then run again with the
+    # last layer's scope in every layer
+    "reattention-mass": ScopeConfig(mode="reattention", **_R, slab=3, select="mass_shared"),
 }
 # (world, layout, architectures): every architecture up to P = 4; at P = 8 (eight processes on a
 # small CI machine) two of them.

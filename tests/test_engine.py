@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -88,13 +89,15 @@ def test_retrieval_scope_equals_hf_over_the_selected_tokens(one_layer):
     assert (got - hf_last_logits(hf, torch.cat([ids[:4], ids[N - 32 :]]))).abs().max() > 100 * ATOL
 
 
-def test_retrieval_path_selecting_everything_equals_full(arch_models):
+@pytest.mark.parametrize("select", ["paper", "mass_shared"])
+def test_retrieval_path_selecting_everything_equals_full(arch_models, select):
     # topk and recall_clip as large as the middle: every middle token is retrieved, so the scope is
     # the whole cache in order and positions equal the original ones.
     _, ours, ids, ref_logits, ref_tokens = arch_models
     # topk 1 with a span twice the middle: each hit widens to the whole middle (topk stays within
-    # the score kernel's limit).
-    cfg = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=1, span=2 * N, recall_clip=N)
+    # the score kernel's limit). mass_shared: the prompt's last token and each decode token run
+    # twice, the second pass writing their K/V again: the result must not change.
+    cfg = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=1, span=2 * N, recall_clip=N, select=select)
     engine = Engine(ours, cfg, capacity=N + 8, record_selection=True)
     torch.testing.assert_close(engine.prefill(ids), ref_logits, atol=ATOL, rtol=0)
     assert engine.selections, "the retrieval step never ran"
@@ -208,3 +211,23 @@ def test_a_call_scope_brings_its_own_scoring_and_heads(arch_models, tmp_path):
         want = scopes(Engine(ours, other, N + 8, record_selection=True))
         assert scopes(built, other) == want and want != paper, other
         assert scopes(built) == paper  # and the next call without a scope is the build's again
+
+
+def test_mass_shared_runs_one_token_steps_twice_with_the_last_layers_scope(arch_models):
+    """``scope.select=mass_shared``: the prompt's last token is fed alone; each one-token step runs a
+    first pass (layer l keeps the keys of largest mass of layers 0..l), then a second pass where every
+    layer attends the first pass's last-layer scope."""
+    _, ours, ids, _, _ = arch_models
+    cfg = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=1, span=8, recall_clip=3)
+    engine = Engine(ours, dataclasses.replace(cfg, select="mass_shared"), capacity=N + 8, record_selection=True)
+    engine.generate(ids, 3)
+    layers = len(ours.spec.cache_layers)
+    differs = []
+    for n in (N, N + 1, N + 2):  # the prompt's last token, then two decode tokens
+        scopes = [s for _, m, s in engine.selections if m == n]
+        assert len(scopes) == 2 * layers, n
+        first, second = scopes[:layers], scopes[layers:]
+        assert all(torch.equal(s, first[-1]) for s in second), n
+        differs.append(not all(torch.equal(s, first[-1]) for s in first))
+    assert any(differs)  # the first pass chose per layer: the second pass changed something
+    assert any(m == N - 1 for _, m, _ in engine.selections)  # the chunks stopped one token short
