@@ -16,6 +16,7 @@ from .models.load import ModelSource, load_model, load_spec, resolve
 from .models.spec import ModelSpec
 from .plan import MemoryPlan, check_memory, plan_for_scope
 from .report.results import read_records
+from .select import retrieval_heads
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ def prepare(cfg: Config, capacity: int, comm: Comm) -> Prepared:
     """Resolves the model and plans memory for ``capacity`` tokens; raises ConfigError if it cannot fit."""
     source = resolve(cfg.model.path)
     spec = load_spec(source)
+    # a retrieval-heads file made with another model is refused here, before the weights load
+    retrieval_heads(cfg.scope.heads, len(spec.cache_layers), spec.heads, torch.device("cpu"))
     device = pick_device(cfg.model.device)
     dtype = pick_dtype(cfg.model.dtype, device)
     plan = plan_for_scope(spec, cfg.scope, capacity, dtype, device, comm.world, cfg.cache.page)

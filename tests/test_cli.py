@@ -212,6 +212,7 @@ def bad(tmp_path_factory):
     (d / "binary.yaml").write_bytes(bytes(range(256)))
     (d / "topk47.yaml").write_text("scope:\n  topk: 4.7\n")
     (d / "file").write_text("x\n")
+    (d / "heads99.json").write_text(json.dumps({"heads": {"99": [0]}}))  # SmolLM2 has 30 layers
     (d / "tasks.jsonl").write_text('{"id": "a", "context": "hi", "question": "q?"}\n')
     for name, field in {"rec-abc": {"target_len": "abc"}, "rec-null": {"world": None}}.items():
         record = {"mode": "reattention", "len": 100, "target_len": 100, "world": 1, "prefill_seconds": 1.0}
@@ -268,6 +269,7 @@ BAD_INPUTS = [
     ("niah", ["--dist.timeout_s=nan"], "dist.timeout_s=nan must be a finite number"),
     ("niah", ["--dist.timeout_s=inf"], "dist.timeout_s=inf must be a finite number"),
     ("niah", ["--scope.topk=64"], "scope.topk=64 is above the score kernel's limit 32"),
+    ("niah", [f"--scope.heads={B}/heads99.json"], "names layer/head (99, 0), outside this model's 30"),
     ("niah", ["--mode", "streaming,streaming"], "names streaming twice: give each mode once"),
     # make_batch_tasks sizes
     ("make_batch_tasks", ["--len", "10"], "--len 10 is too short to hold the needle and question"),
