@@ -37,27 +37,11 @@ from dist_reattn.config import ConfigError
 from dist_reattn.kernels import check_fp8, key_scale, quantize_keys, score_topk, score_topk_fp8
 from dist_reattn.kernels._variants import score_topk_fp8_variant
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_topk import bench, parse_config  # noqa: E402  (timing and --config parsing, shared)
+
 MODELS = {"SmolLM2": (9, 3, 64), "Llama-8B": (32, 8, 128)}
 L2_ROTATE_BYTES = 256 << 20  # inputs smaller than this get several copies, cycled per call
-
-
-def bench(fn, slow_ms: float = 200.0) -> float:
-    """Median ms (do_bench); calls slower than ``slow_ms`` are timed 3 times with CUDA events."""
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    stop.record()
-    torch.cuda.synchronize()
-    if start.elapsed_time(stop) < slow_ms:
-        return do_bench(fn, warmup=10, rep=60, return_mode="median")
-    times = []
-    for _ in range(3):
-        start.record()
-        fn()
-        stop.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(stop))
-    return sorted(times)[1]
 
 
 def first_call_ms(fn) -> float:
@@ -82,11 +66,6 @@ def ceilings() -> tuple[float, float]:
     ab.clear()
     torch.cuda.empty_cache()
     return bf16, fp8
-
-
-def parse_config(text: str) -> dict:
-    """``"GATE=1,BLOCK_M=256"`` -> ``{"GATE": 1, "BLOCK_M": 256}``."""
-    return {k.strip(): int(v) for k, _, v in (x.partition("=") for x in filter(None, text.split(",")))}
 
 
 class Output:
