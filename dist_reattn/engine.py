@@ -314,7 +314,9 @@ class Engine:
             with self.profile.phase("scoring"):
                 if fuses_mass(cfg, c):  # B = 1; the mass of the step's earlier layers is kept in self._mass
                     acc = None if layer == 0 else self._mass
-                    scores, index, self._mass = mass_candidates(q[0, 0], self.cache, layer, n, cfg, self.comm, acc)
+                    scores, index, self._mass = mass_candidates(
+                        q[0, 0], self.cache, layer, n, cfg, self.comm, acc
+                    )
                 else:
                     ends = [n + b * c for b in range(B)]
                     scores, index = score_chunks(q, self.cache, layer, ends, cfg, self.scoring)
@@ -508,7 +510,9 @@ class Engine:
         # scope.select=mass selects at steps of one token: the prompt's last token is fed alone
         alone = fuses_mass(self.scope, 1) and ids.shape[0] > 1
         body = ids[:-1] if alone else ids
-        pieces = [body[c0 : c0 + slab] for c0 in range(0, body.shape[0], slab)] + ([ids[-1:]] if alone else [])
+        pieces = [body[c0 : c0 + slab] for c0 in range(0, body.shape[0], slab)] + (
+            [ids[-1:]] if alone else []
+        )
         for piece in pieces:
             logits = self.step(piece)
             if on_chunk:

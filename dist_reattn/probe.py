@@ -102,7 +102,6 @@ class SelectionProbe:
         else:
             self.ranks["block_mean"].append(_rank(_scores(q[b, -1].float(), means), block_of[a].unique()))
 
-
     def _fuse(self, scores: torch.Tensor, t: torch.Tensor) -> None:
         """Appends this layer's fused ranks (module docstring) from its paper scores ``[H, N]``."""
         d = self._head_dim

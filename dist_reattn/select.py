@@ -167,7 +167,10 @@ def mass_candidates(
         stop = None
     keys = cache.score_k[layer, lo:hi].float()  # [N, Hkv, d]
     H, d = q.shape
-    s = torch.einsum("hgd,nhd->hgn", q.float().unflatten(0, (keys.shape[1], -1)), keys).flatten(0, 1) * d**-0.5
+    s = (
+        torch.einsum("hgd,nhd->hgn", q.float().unflatten(0, (keys.shape[1], -1)), keys).flatten(0, 1)
+        * d**-0.5
+    )
     rows = torch.arange(lo, hi, device=q.device)
     if stop is not None:
         s = s.masked_fill(rows >= stop, float("-inf"))  # [H, N]

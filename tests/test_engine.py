@@ -97,7 +97,9 @@ def test_retrieval_path_selecting_everything_equals_full(arch_models, select):
     # topk 1 with a span twice the middle: each hit widens to the whole middle (topk stays within
     # the score kernel's limit). mass_shared: the prompt's last token and each decode token run
     # twice, the second pass writing their K/V again: the result must not change.
-    cfg = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=1, span=2 * N, recall_clip=N, select=select)
+    cfg = ScopeConfig(
+        mode="reattention", sink=4, local=32, chunk=16, topk=1, span=2 * N, recall_clip=N, select=select
+    )
     engine = Engine(ours, cfg, capacity=N + 8, record_selection=True)
     torch.testing.assert_close(engine.prefill(ids), ref_logits, atol=ATOL, rtol=0)
     assert engine.selections, "the retrieval step never ran"
@@ -219,7 +221,9 @@ def test_mass_shared_runs_one_token_steps_twice_with_the_last_layers_scope(arch_
     layer attends the first pass's last-layer scope."""
     _, ours, ids, _, _ = arch_models
     cfg = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=1, span=8, recall_clip=3)
-    engine = Engine(ours, dataclasses.replace(cfg, select="mass_shared"), capacity=N + 8, record_selection=True)
+    engine = Engine(
+        ours, dataclasses.replace(cfg, select="mass_shared"), capacity=N + 8, record_selection=True
+    )
     engine.generate(ids, 3)
     layers = len(ours.spec.cache_layers)
     differs = []

@@ -66,7 +66,9 @@ def test_retrieval_selecting_everything_equals_hf(gemma, select):
     # The retrieval path on the global layers (one hit widened to the whole middle): every scope is
     # the whole cache in order, so the result is the HF model's.
     _, ours, ids, ref_logits, ref_tokens = gemma
-    cfg = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=1, span=2 * N, recall_clip=1, select=select)
+    cfg = ScopeConfig(
+        mode="reattention", sink=4, local=32, chunk=16, topk=1, span=2 * N, recall_clip=1, select=select
+    )
     engine = Engine(ours, cfg, capacity=N + 8, record_selection=True)
     torch.testing.assert_close(engine.prefill(ids), ref_logits, atol=ATOL, rtol=0)
     assert engine.selections and {layer for layer, _, _ in engine.selections} == {0, 1}  # cache slots

@@ -91,7 +91,9 @@ def test_fused_ranks_equal_brute_force_over_heads_and_layers():
     cfg = ScopeConfig(sink=4, local=32, chunk=c, topk=2, span=4, recall_clip=4)
     cache = KVCache(L, Hkv, d, n_last, torch.float32, torch.device("cpu"))
     for layer in range(L):
-        cache.append(layer, 0, torch.randn(n_last, Hkv, d, generator=gen), torch.randn(n_last, Hkv, d, generator=gen))
+        cache.append(
+            layer, 0, torch.randn(n_last, Hkv, d, generator=gen), torch.randn(n_last, Hkv, d, generator=gen)
+        )
     cos, sin = _rope(d, 256)
     engine = SimpleNamespace(cache=cache, rope_table=lambda m: (cos[:m], sin[:m]))
     answer = [70, 71]
@@ -112,7 +114,7 @@ def test_fused_ranks_equal_brute_force_over_heads_and_layers():
                 fused["z"][j] += (s[j] - mean) / std
                 fused["p"][j] += e[j] / sum(e)
         for kind in "zp":
-            totals[kind] = [a + b for a, b in zip(totals[kind], fused[kind])]
+            totals[kind] = [a + b for a, b in zip(totals[kind], fused[kind], strict=True)]
             # float32 sums in another order: compare ranks away from exact float ties
             assert abs(probe.fused[f"{kind}sum"][layer] - brute_rank(fused[kind], targets)) <= 1, kind
             assert abs(probe.fused[f"{kind}sum_upto"][layer] - brute_rank(totals[kind], targets)) <= 1, kind
