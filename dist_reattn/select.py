@@ -129,7 +129,7 @@ def fuses_mass(cfg: ScopeConfig, c: int) -> bool:
     """Whether a step of ``c`` query tokens selects by fused attention mass (``scope.select=mass`` or
     ``mass_shared``: steps of one token, the prompt's last and decode; longer steps select as the
     paper does)."""
-    return cfg.select in ("mass", "mass_shared") and c == 1
+    return cfg.select in ("mass", "mass_shared") and c == 1 and retrieves(cfg)
 
 
 def mass_candidates(
