@@ -26,6 +26,7 @@ from .profile import Profile
 from .select import (
     Scope,
     Scoring,
+    check_fp8_scoring,
     fuses_mass,
     mass_candidates,
     retrieval_heads,
@@ -117,7 +118,7 @@ class Step(LayerStep):
             q_all, k_all, v_all = q, k, v
         with prof.phase("append"):
             kt, vt = k_all.transpose(0, 1), v_all.transpose(0, 1)  # [c, Hkv, d]
-            e.cache.append(layer, self.n0, kt, vt)
+            e.cache.append(layer, self.n0, kt, vt, scale_rows=e.scope.chunk)
             e.window.append(layer, self.n0, kt, vt)
         a = part.span()[0]  # this rank's first token of the step
         first, outs = 0, []
@@ -197,6 +198,8 @@ class Engine:
     ):
         self.limits = limits or ScopeLimits.of([scope], model.device.type)
         self.default_scope = self.limits.check(scope, model.device.type)
+        if self.limits.fp8:  # an old GPU: one line, before the cache is allocated
+            check_fp8_scoring(model.device)
         self.model, self.scope, self.capacity = model, self.default_scope, capacity
         self.comm = comm or Comm.single()
         s = model.spec
@@ -214,6 +217,7 @@ class Engine:
             self.comm.world,
             page,
             score_norm=self.limits.score_norm,
+            fp8=self.limits.fp8,
         )
         lim = self.limits
         self.max_step = lim.chunk * lim.slab
@@ -263,7 +267,7 @@ class Engine:
     def _use(self, scope: ScopeConfig) -> None:
         """Makes ``scope`` the one in force: its scoring, and its retrieval heads (the file read once)."""
         self.scope = scope
-        self.scoring = Scoring.of(scope, self.rope_table)
+        self.scoring = Scoring.of(scope, self.rope_table, self.profile.count)
         if scope.heads != self._heads_file:
             s = self.model.spec
             # per cache layer: its retrieval heads ([H] bool) whose picks outvote the rest, or None

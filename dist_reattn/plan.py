@@ -87,6 +87,7 @@ def plan_memory(
     sink: int = 0,
     local: int = 0,
     score_keys: bool = False,
+    fp8_keys: bool = False,
 ) -> MemoryPlan:
     """Plans one rank's memory for a cache of ``tokens`` tokens, before any weight is loaded.
 
@@ -97,11 +98,14 @@ def plan_memory(
     them on chip), and the MLP intermediates. Weights count whole: with sequence groups every rank
     holds the whole model, and under tensor parallelism every rank loads it whole before AutoTP
     shards it. ``score_keys``: the cache also keeps weighted score keys (``scope.select`` qkv,
-    qkv2), half as many bytes again as K and V.
+    qkv2), half as many bytes again as K and V. ``fp8_keys``: the cache also keeps the score keys in
+    FP8 (``scope.score=fp8``), one byte per key element, and their fp32 scale per layer.
     """
     b = DTYPE_BYTES[dtype]
     rows = local_capacity(tokens, world, page, 0)
     kv = rows * spec.kv_bytes_per_token(b) * (3 if score_keys else 2) // 2
+    if fp8_keys:  # k8 [layers, rows, Hkv, d] of 1 byte, k_scale [layers, Hkv, d] fp32
+        kv += rows * spec.kv_bytes_per_token(1) // 2 + spec.kv_bytes_per_token(4) // 2
     window = 0
     if world > 1:
         window = (window_size(sink, local, slab * chunk) + sink) * spec.kv_bytes_per_token(b)
@@ -123,6 +127,8 @@ def plan_memory(
         + 4 * slab * chunk * spec.intermediate * 4  # MLP intermediates of the slab's tokens (fp32 bound)
         + spec.vocab * 4 * 4  # the last token's logits
     )
+    if fp8_keys and device.type != "cuda":  # the FP8 reference's tile mask, bool [H, c, 4096, keep <= 16]
+        act += spec.heads * chunk * 4096 * 16
     return MemoryPlan(str(device), kv, weights, act, available_bytes(device), window, sliding)
 
 
@@ -150,13 +156,14 @@ def plan_for_scope(
         sink=scope.sink,
         local=scope.local,
         score_keys=scope.select in SCORE_NORMS,
+        fp8_keys=scope.score == "fp8",
     )
 
 
 def widest(scopes, device_type: str) -> ScopeConfig:
     """One scope at least as demanding as each of ``scopes`` in every planned field (sink, local,
-    chunk, slab, spans; ``full`` if any is): an engine built for it serves each of them, and its
-    memory plan bounds each one's."""
+    chunk, slab, spans; ``full`` if any is; ``score=fp8`` if any is, so that its cache keeps the FP8
+    keys): an engine built for it serves each of them, and its memory plan bounds each one's."""
     scopes = list(scopes)
     ScopeLimits.of(scopes, device_type)  # one kind of score keys for all, or a ConfigError
     fields = ("sink", "local", "chunk", "topk", "span", "recall_clip")
@@ -165,6 +172,8 @@ def widest(scopes, device_type: str) -> ScopeConfig:
         **{f: max(getattr(s, f) for s in scopes) for f in fields},
         slab=max(s.slab_on(device_type) for s in scopes),
         mode="full" if any(s.mode == "full" for s in scopes) else scopes[0].mode,
+        # the margin sizes nothing: 0 keeps the widest topk valid (topk + fp8_margin <= MAX_KEEP)
+        **({"score": "fp8", "fp8_margin": 0} if any(s.score == "fp8" for s in scopes) else {}),
     )
 
 

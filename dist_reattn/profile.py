@@ -79,8 +79,9 @@ class Profile:
             self._boundary()
             self._stack.pop()
 
-    def count(self, name: str, n: int = 1) -> None:
-        """Adds to a counter of the current stage (e.g. layer steps)."""
+    def count(self, name: str, n: int | torch.Tensor = 1) -> None:
+        """Adds to a counter of the current stage (e.g. layer steps). ``n`` may be a one-element
+        device tensor: the sum then stays on the device until :meth:`as_dict` reads it (no sync)."""
         self.counts[self.stage][name] += n
 
     def add(self, stage: str, phase: str, seconds: float, tokens: int, steps: int) -> None:
@@ -98,5 +99,6 @@ class Profile:
         out = {}
         for stage in sorted(set(self.seconds) | set(self.counts)):
             phases = {k: round(v, 6) for k, v in sorted(self.seconds[stage].items())}
-            out[stage] = {"seconds": phases, "total_s": round(sum(phases.values()), 6), **self.counts[stage]}
+            counts = {k: int(v) for k, v in self.counts[stage].items()}
+            out[stage] = {"seconds": phases, "total_s": round(sum(phases.values()), 6), **counts}
         return out

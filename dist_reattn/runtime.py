@@ -16,7 +16,7 @@ from .models.load import ModelSource, load_model, load_spec, resolve
 from .models.spec import ModelSpec
 from .plan import MemoryPlan, check_memory, plan_for_scope
 from .report.results import read_records
-from .select import retrieval_heads
+from .select import check_fp8_scoring, retrieval_heads
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,8 @@ def prepare(cfg: Config, capacity: int, comm: Comm) -> Prepared:
     # a retrieval-heads file made with another model is refused here, before the weights load
     retrieval_heads(cfg.scope.heads, len(spec.cache_layers), spec.heads, torch.device("cpu"))
     device = pick_device(cfg.model.device)
+    if cfg.scope.score == "fp8":  # on a GPU without FP8 tensor cores: refused here, one line
+        check_fp8_scoring(device)
     dtype = pick_dtype(cfg.model.dtype, device)
     plan = plan_for_scope(spec, cfg.scope, capacity, dtype, device, comm.world, cfg.cache.page)
     check_memory(plan, capacity, comm.world)
@@ -89,7 +91,9 @@ def new_engine(cfg: Config, model, capacity: int, comm: Comm) -> Engine:
     )
 
 
-SCOPE_RECORD_FIELDS = ("sink", "local", "topk", "span", "recall_clip", "chunk", "select", "heads")
+SCOPE_RECORD_FIELDS = (
+    "sink", "local", "topk", "span", "recall_clip", "chunk", "select", "heads", "score", "fp8_margin"
+)  # fmt: skip
 
 
 def resume_settings(cfg: Config, prep: Prepared) -> dict:

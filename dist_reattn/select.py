@@ -8,6 +8,7 @@ from them: votes, recall clip, spans, and the sink and local windows.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,36 +16,77 @@ import torch
 from .attention import apply_rope
 from .cache import KVCache
 from .config import ConfigError, ScopeConfig
-from .kernels import score_topk, score_topk_ref, sort_topk, supports
+from .kernels import (
+    check_fp8,
+    score_topk,
+    score_topk_fp8,
+    score_topk_fp8_ref,
+    score_topk_ref,
+    sort_topk,
+    supports,
+)
+
+# The agreement sample of scope.score=fp8: the first FP8_SAMPLE_TOKENS query tokens of every
+# FP8_SAMPLE_EVERY-th chunk (counted from the first chunk that retrieves), also scored exactly.
+FP8_SAMPLE_TOKENS = 8
+FP8_SAMPLE_EVERY = 16
 
 
 @dataclass(frozen=True)
 class Scoring:
-    """What the retrieval's top-k ranks middle keys by (``scope.select``), for prefill and decode alike.
+    """What the retrieval's top-k ranks middle keys by (``scope.select``) and how it is computed
+    (``scope.score``), for prefill and decode alike: the one place the choice lives.
 
     ``paper``, ``qkv`` and ``qkv2`` score the query against the cache's score keys (``KVCache.score_k``:
     the keys, or the keys weighted by their value's norm); ``qk_pe`` rotates the query by RoPE at
     the fixed distance ``local`` first, which equals scoring both after RoPE at positions that
     distance apart (``R(p)q . R(p - r)k = R(r)q . k``).
 
+    ``score=fp8`` (``fp8_margin`` set) picks each row's best ``topk + fp8_margin`` tiles on the
+    cache's FP8 score keys and scores their keys exactly (:func:`local_topk`), where the end row is
+    a host int: prefill chunks and one-token steps through the prefill's step. A device end (the
+    static decode step, eager or a CUDA graph) keeps the exact kernel: the FP8 launcher sizes its
+    grid and plan from a host end row. On a sample of rows (:data:`FP8_SAMPLE_TOKENS` tokens of
+    every :data:`FP8_SAMPLE_EVERY`-th chunk and of decode tokens at the same period, every layer,
+    every head) the exact top-k is computed too, over the same keys, and ``count`` gets
+    ``fp8_rows_sampled`` and ``fp8_rows_equal`` (rows whose index set is the exact one). That is
+    ``8 / (16 * chunk)`` of the query rows scored a second time, exactly (0.1% at chunk 512), with
+    no host sync (the counts stay on the device until the profile is read). With several ranks each
+    rank counts its own shard's lists.
+
     Attributes:
         cos, sin: ``[d]`` the rotation of the query (``qk_pe``), or None.
+        fp8_margin: ``scope.fp8_margin`` under ``score=fp8``; None: exact.
+        count: where the agreement counters go (``Profile.count``), or None.
     """
 
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    fp8_margin: int | None = None
+    count: Callable | None = None
 
     @staticmethod
-    def of(cfg: ScopeConfig, rope) -> Scoring:
-        """The scoring of ``cfg.select``; ``rope(m)`` gives the model's cos, sin ``[m, d]`` for positions ``0..m-1``."""
-        if cfg.select != "qk_pe":
-            return Scoring()
-        cos, sin = rope(cfg.local + 1)
-        return Scoring(cos[cfg.local], sin[cfg.local])
+    def of(cfg: ScopeConfig, rope, count: Callable | None = None) -> Scoring:
+        """The scoring of ``cfg.select`` and ``cfg.score``; ``rope(m)`` gives the model's cos, sin
+        ``[m, d]`` for positions ``0..m-1``; ``count(name, n)`` takes the FP8 agreement counters."""
+        cos = sin = None
+        if cfg.select == "qk_pe":
+            cos, sin = rope(cfg.local + 1)
+            cos, sin = cos[cfg.local], sin[cfg.local]
+        margin = cfg.fp8_margin if cfg.score == "fp8" else None
+        return Scoring(cos, sin, margin, count)
 
     def query(self, q: torch.Tensor) -> torch.Tensor:
         """The queries ``[..., d]`` as scored."""
         return q if self.cos is None else apply_rope(q, self.cos.to(q.dtype), self.sin.to(q.dtype))
+
+
+def check_fp8_scoring(device: torch.device) -> None:
+    """Refuses ``scope.score=fp8`` on a GPU without FP8 tensor cores: a ConfigError, one line naming it."""
+    try:
+        check_fp8(device)
+    except RuntimeError as e:
+        raise ConfigError(f"scope.score=fp8: {e}: use --scope.score=exact on this GPU") from None
 
 
 def retrieval_heads(path: str, layers: int, heads: int, device: torch.device) -> list[torch.Tensor | None]:
@@ -78,22 +120,45 @@ def retrieval_heads(path: str, layers: int, heads: int, device: torch.device) ->
 
 
 def local_topk(
-    q: torch.Tensor, keys: torch.Tensor, lo: int, hi: int | torch.Tensor, topk: int
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    lo: int,
+    hi: int | torch.Tensor,
+    topk: int,
+    fp8: tuple[torch.Tensor, torch.Tensor, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k of ``q . k`` over local key rows ``[lo, hi)``.
+    """Top-k of ``q . k`` over local key rows ``[lo, hi)``: exact, or chosen on FP8 keys (``fp8``).
 
-    Uses the Triton kernel where it runs (CUDA tensors) and the blocked pure-torch reference elsewhere.
+    Uses the Triton kernels where they run (CUDA tensors) and the pure-torch references elsewhere.
 
     Args:
         q: ``[c, H, d]`` un-rotated queries of all heads.
         keys: ``[N_local, Hkv, d]`` this rank's un-rotated keys of one layer.
         hi: an int, or a one-element tensor on q's device (read there by the kernel: graph decode).
+        fp8: ``(k8 [N_local, Hkv, d], scale [Hkv, d], margin)``: the best ``topk + margin`` tiles of
+            each row by FP8 score, their keys scored exactly (``score_topk_fp8``; an int ``hi`` only).
 
     Returns:
         ``(scores, rows)``: ``[c, H, topk]`` fp32 scores and int64 local rows (-1 for padding).
     """
-    fn = score_topk if q.is_cuda and supports(q.device) else score_topk_ref
-    return fn(q, keys, lo, hi, topk)
+    if fp8 is None:
+        fn = score_topk if q.is_cuda and supports(q.device) else score_topk_ref
+        return fn(q, keys, lo, hi, topk)
+    assert not isinstance(hi, torch.Tensor), "the FP8 path takes a host end row"
+    k8, scale, margin = fp8
+    fn = score_topk_fp8 if q.is_cuda else score_topk_fp8_ref  # (an old GPU: score_topk_fp8 says so)
+    return fn(q, keys, k8, scale, lo, hi, topk, margin)
+
+
+def sampled_rows(first: int, c: int, cfg: ScopeConfig) -> tuple[int, int]:
+    """The rows ``[i0, i1)`` of a step's ``c`` query tokens from token ``first`` that the FP8
+    agreement samples: tokens ``t`` with ``(t - t0) % (FP8_SAMPLE_EVERY * chunk) < FP8_SAMPLE_TOKENS``,
+    ``t0`` the first token of the first chunk that retrieves (so short prompts are sampled too)."""
+    period = FP8_SAMPLE_EVERY * cfg.chunk
+    r = (first - (cfg.sink + cfg.local) // cfg.chunk * cfg.chunk) % period
+    i0 = 0 if r < FP8_SAMPLE_TOKENS else period - r  # where the next window starts
+    i1 = min(c, i0 + FP8_SAMPLE_TOKENS - (r if r < FP8_SAMPLE_TOKENS else 0))
+    return i0, max(i0, i1)
 
 
 def score_chunks(
@@ -104,7 +169,8 @@ def score_chunks(
     cfg: ScopeConfig,
     scoring: Scoring = Scoring(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's exact top-k of each chunk's queries over its own middle tokens, under ``scoring``.
+    """This rank's top-k of each chunk's queries over its own middle tokens, under ``scoring``: exact,
+    or chosen on FP8 keys (``scope.score=fp8`` and int ends; the agreement sampled, :class:`Scoring`).
 
     Args:
         q: ``[B, c, H, d]`` un-rotated queries of every head, chunk b ending at ``ends[b]``.
@@ -114,13 +180,23 @@ def score_chunks(
         ``(scores, index)``, ``[B, c, H, topk]``: fp32 scores and global token indices (-1 padding).
     """
     q = scoring.query(q)
+    keys, c = cache.score_k[layer], q.shape[1]
+    fp8 = None
+    if scoring.fp8_margin is not None and not isinstance(ends, torch.Tensor):
+        fp8 = (cache.k8[layer], cache.k_scale[layer], scoring.fp8_margin)
     found = []
     for b in range(q.shape[0]):
         if isinstance(ends, torch.Tensor):  # the kernel reads its end row on the device
             lo, hi = cache.local_count(cfg.sink), cache.local_count_at(ends - cfg.local)
         else:
             lo, hi = cache.local_rows(cfg.sink, ends[b] - cfg.local)
-        found.append(local_topk(q[b], cache.score_k[layer], lo, hi, cfg.topk))
+        found.append(local_topk(q[b], keys, lo, hi, cfg.topk, fp8))
+        i0, i1 = sampled_rows(ends[b] - c, c, cfg) if fp8 is not None else (0, 0)
+        if i1 > i0 and scoring.count is not None:  # the agreement: the same rows scored exactly
+            exact = local_topk(q[b, i0:i1], keys, lo, hi, cfg.topk)[1].sort(-1).values
+            same = (found[-1][1][i0:i1].sort(-1).values == exact).all(-1)  # [i1 - i0, H]
+            scoring.count("fp8_rows_sampled", same.numel())
+            scoring.count("fp8_rows_equal", same.sum())
     scores = torch.stack([f[0] for f in found])
     return scores, cache.to_global(torch.stack([f[1] for f in found]))
 

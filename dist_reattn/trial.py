@@ -57,7 +57,10 @@ class Trial:
     memory_plan: dict
     """The plan made before the weights loaded (:class:`~dist_reattn.plan.MemoryPlan`), bytes per rank."""
     profile: dict
-    """Per-stage, per-phase seconds and counters (:meth:`~dist_reattn.profile.Profile.as_dict`)."""
+    """Per-stage, per-phase seconds and counters (:meth:`~dist_reattn.profile.Profile.as_dict`); under
+    ``scope.score=fp8`` also ``fp8_rows_sampled`` and ``fp8_rows_equal``: the (query token, head) rows
+    of the agreement sample and those whose top-k index set was the exact one, over this rank's
+    shard (:class:`~dist_reattn.select.Scoring`)."""
     kv_bytes_per_rank: int
     peak_memory_bytes: int
     """The CUDA allocator's peak, or the process's peak RSS on a CPU."""

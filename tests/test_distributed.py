@@ -208,6 +208,73 @@ def test_one_token_pages_split_sequence_groups(reference, tmp_path):
             torch.testing.assert_close(res["qwen2", mode, "lse"]["logits"], ref["logits"], atol=1e-4, rtol=0)
 
 
+# scope.score=fp8 (issue #25) on one architecture at P = 2 (CI time). A longer prompt: a shard's
+# middle then spans several 64-key tiles. Tiles are 64 rows of one rank's shard, so the FP8 choice
+# depends on the sharding; with a margin covering every tile it is the exact top-k, the same at any
+# P. With a small one P = 2 may pick otherwise than P = 1; every rank still gets the same scale and
+# FP8 keys, and the ranks agree on every scope (check_consensus).
+FP8_ARCH, FP8_N = "qwen2", 400
+FP8_SCOPES = {
+    "cover": ScopeConfig(mode="reattention", **_R, slab=8, score="fp8", fp8_margin=6),  # 8 tiles: 512 keys
+    "small": ScopeConfig(mode="reattention", **{**_R, "topk": 1}, slab=8, score="fp8", fp8_margin=0),
+}
+
+
+def run_fp8(comm: Comm) -> dict:
+    """Per FP8 scope: greedy logits, tokens, scopes, profile, and this rank's FP8 keys by global token."""
+    ids = torch.randint(0, 120, (FP8_N,), generator=torch.Generator().manual_seed(1))
+    model = ReAttnModel(tiny_model(FP8_ARCH), comm)
+    out = {}
+    for name, scope in FP8_SCOPES.items():
+        engine = Engine(model, scope, FP8_N + NEW, comm, PAGE, record_selection=True, check_consensus=True)
+        logits, tokens, selections = greedy(engine, ids)
+        cache = engine.cache
+        rows = torch.arange(cache.local_count(FP8_N + NEW))
+        out[name] = {
+            "logits": logits, "tokens": tokens, "selections": selections,
+            "profile": engine.profile.as_dict(), "scale": cache.k_scale.clone(),
+            "k8": cache.k8[:, rows].view(torch.uint8).clone(), "tokens_held": cache.to_global(rows),
+        }  # fmt: skip
+    return out
+
+
+def _fp8_worker(rank: int, world: int, port: int, path: str) -> None:
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    comm = join(rank, world, port)
+    try:
+        result = run_fp8(comm)
+    finally:
+        shutdown(comm)
+    torch.save(result, f"{path}.rank{rank}")
+
+
+def test_fp8_ranks_hold_the_same_keys_and_match_single_process(tmp_path):
+    ref = run_fp8(Comm.single())
+    path = str(tmp_path / "fp8")
+    mp.spawn(_fp8_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    results = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(2)]
+    for name in FP8_SCOPES:
+        want = ref[name]
+        for rank, res in enumerate(results):
+            got = res[name]
+            assert torch.equal(got["scale"], want["scale"]), (name, rank)  # the first chunk's, every layer
+            # (with the small margin layer 1's keys follow layer 0's scopes, which may differ from P = 1's)
+            layers = slice(None) if name == "cover" else slice(0, 1)
+            held = got["tokens_held"] < FP8_N  # the prompt (the generated tokens may differ too)
+            assert torch.equal(got["k8"][layers, held], want["k8"][layers, got["tokens_held"][held]]), name
+            prefill = got["profile"]["prefill"]  # each rank's agreement on its own shard
+            assert 0 < prefill["fp8_rows_equal"] <= prefill["fp8_rows_sampled"], (name, rank)
+    want_sel, got_sel = keyed(ref["cover"]["selections"]), merged_selections(results, "cover")
+    assert got_sel.keys() == want_sel.keys()
+    for key, chosen in want_sel.items():
+        assert torch.equal(got_sel[key], chosen), key
+    for res in results:
+        assert res["cover"]["tokens"] == ref["cover"]["tokens"]
+        torch.testing.assert_close(res["cover"]["logits"], ref["cover"]["logits"], atol=1e-4, rtol=0)
+        assert res["small"]["tokens"] == results[0]["small"]["tokens"]  # (the ranks agree)
+
+
 def _hung_worker(rank: int, world: int, port: int, path: str) -> None:
     comm = join(rank, world, port, timeout_s=3)
     if rank == 1:

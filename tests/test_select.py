@@ -275,3 +275,20 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys):
         scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), n, cfg)
         assert scope.row(0).selected().tolist() == expect, layer
     assert expect != brute_force_scope(q[1][None], k[1], n, cfg)  # not the paper's selection here
+
+
+@pytest.mark.parametrize("sink, local, chunk", [(4, 32, 16), (32, 4096, 512), (3, 20, 7)])
+def test_fp8_sample_rows_against_brute_force(sink, local, chunk):
+    # scope.score=fp8's agreement sample: query tokens t with (t - t0) % (16 * chunk) < 8, t0 the
+    # first token of the first chunk that retrieves; one contiguous run of a step's rows.
+    from dist_reattn.select import FP8_SAMPLE_EVERY, FP8_SAMPLE_TOKENS, sampled_rows
+
+    cfg = ScopeConfig(sink=sink, local=local, chunk=chunk)
+    t0 = (sink + local) // chunk * chunk
+    period = FP8_SAMPLE_EVERY * chunk
+    for first in range(0, 3 * period, max(1, chunk // 16)):
+        for c in (1, chunk // 2 + 1, chunk):
+            want = [i for i in range(c) if (first + i - t0) % period < FP8_SAMPLE_TOKENS]
+            i0, i1 = sampled_rows(first, c, cfg)
+            assert list(range(i0, i1)) == want, (first, c)
+    assert sampled_rows(t0, chunk, cfg) == (0, min(chunk, FP8_SAMPLE_TOKENS))  # the first retrieving chunk
