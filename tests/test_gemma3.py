@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from test_distributed import NEW, combos, keyed, merged_selections, run_all, run_ranks
+from test_distributed import assert_ranks_match, run_all, run_ranks
 from tiny_models import GEMMA3_WINDOW, tiny_gemma3
 
 from dist_reattn.config import ConfigError, ScopeConfig
@@ -127,17 +127,5 @@ def test_ranks_match_single_process(world, layout, reference, tmp_path):
     # falls back to sequence groups (a warning), which this case then tests at P = 2.
     results = run_ranks(world, layout, GEMMA, tmp_path)
     assert [r["tensor_parallel"] for r in results] == [False] * world
-    for arch, mode, decode in combos(GEMMA):
-        ref = reference[arch, mode, "gather"]
-        where = f"{mode} decode={decode} P={world} {layout}"
-        want = keyed(ref["selections"])
-        got_sel = merged_selections(results, (arch, mode, decode))
-        assert got_sel.keys() == want.keys(), where
-        for key, chosen in want.items():
-            assert torch.equal(got_sel[key], chosen), f"{where}: layer {key[0]} n {key[1]}"
-        for rank, res in enumerate(results):
-            got = res[arch, mode, decode]
-            assert got["tokens"] == ref["tokens"], f"{where} rank {rank}"
-            assert len(got["tokens"]) == NEW
-            torch.testing.assert_close(got["logits"], ref["logits"], atol=ATOL, rtol=0, msg=where)
+    assert_ranks_match(results, reference, GEMMA, f"P={world} {layout}", atol=ATOL)
     assert "qkv_slab" in results[0]["stats"]
