@@ -33,6 +33,7 @@ import torch
 os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
 
 import pytest  # noqa: E402
+from test_kernel_score_topk import assert_equal_topk, rounding_bound  # noqa: E402
 
 from dist_reattn.kernels import (  # noqa: E402
     check_fp8,
@@ -114,15 +115,6 @@ def check_choice(q, k8, scale, start, end, keep, picks, exact):
     assert not bad.any(), f"a tile left out beats a chosen one by > 2E at {bad.nonzero()[:5].tolist()}"
 
 
-def rounding_bound(q, k, start, end):
-    """A bound on ``|computed - exact|`` for any fp32 score of bf16/fp16/fp32 ``q`` and keys
-    [start, end) (tests/test_kernel_score_topk.py::rounding_bound)."""
-    if end <= start:
-        return 0.0
-    d = q.shape[-1]
-    return (d + 1) * 2.0**-24 * q.float().abs().sum(-1).max().item() * k[start:end].float().abs().max().item()
-
-
 def check_result(q, k, start, end, topk, tiles, v, i, exact):
     """``(v, i)`` against the exact top-k over the keys of ``tiles`` [c, H, m]: exactly (integer
     data) or up to rounding, as the exact kernel's ``_check``: no -1 where the row's tiles hold keys,
@@ -135,10 +127,7 @@ def check_result(q, k, start, end, topk, tiles, v, i, exact):
     assert torch.equal(i >= 0, real), "padding where the reference has keys, or keys where it has none"
     assert (v[~real] == float("-inf")).all() and ((i[real] >= start) & (i[real] < end)).all()
     if exact:
-        assert torch.equal(i, ri[..., :topk]), (
-            f"indices differ at {(i != ri[..., :topk]).nonzero()[:5].tolist()}"
-        )
-        assert torch.equal(v, rv[..., :topk])
+        assert_equal_topk(v, i, rv, ri, topk)
         return
     e = rounding_bound(q, k, start, end)
     tol = 16 * e

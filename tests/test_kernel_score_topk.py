@@ -141,6 +141,12 @@ def rounding_bound(q, k, start, end):
     return (d + 1) * 2.0**-24 * l1 * k[start:end].float().abs().max().item()
 
 
+def assert_equal_topk(v, i, rv, ri, topk):
+    """``(v, i)`` equal the reference's first ``topk`` entries, bit for bit."""
+    assert torch.equal(i, ri[..., :topk]), f"indices differ at {(i != ri[..., :topk]).nonzero()[:5].tolist()}"
+    assert torch.equal(v, rv[..., :topk])
+
+
 def _check(q, k, start, end, topk, v, i, exact):
     """The kernel's ``(v, i)`` against the reference, exactly (``exact``: integer-valued data, every
     score exact in fp32 whatever the order) or up to rounding: never a -1 where the row has keys,
@@ -155,10 +161,7 @@ def _check(q, k, start, end, topk, v, i, exact):
     )
     assert (i[..., real:] == -1).all() and (v[..., real:] == float("-inf")).all()
     if exact:
-        assert torch.equal(i, ri[..., :topk]), (
-            f"indices differ at {(i != ri[..., :topk]).nonzero()[:5].tolist()}"
-        )
-        assert torch.equal(v, rv[..., :topk])
+        assert_equal_topk(v, i, rv, ri, topk)
         return
     # The two-pass proof (two_pass._two_pass) bounds disagreements with the reference to keys
     # whose reference scores lie within 6e; 16e also covers an accumulator that truncates
