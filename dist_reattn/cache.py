@@ -25,7 +25,7 @@ class KVCache:
     Shapes: ``k``, ``v`` are ``[layers, local_capacity, Hkv, d]``. With ``score_norm`` (1 or 2) the
     cache also keeps ``score_k``, the same shape: each key times the L1 / L2 norm of its value, what
     the ``qkv`` / ``qkv2`` selections score (``scope.select``); otherwise ``score_k`` is ``k``.
-    With ``fp8`` (``scope.score=fp8``) it also keeps ``k8`` ``[layers, local_capacity, Hkv, d]``
+    With ``fp8`` (``scope.scoring=fp8``) it also keeps ``k8`` ``[layers, local_capacity, Hkv, d]``
     ``float8_e4m3fn``, the score keys quantized (:func:`~dist_reattn.kernels.quantize_keys`), and
     ``k_scale`` ``[layers, Hkv, d]`` fp32, one scale per layer and sequence, set at the sequence's
     first append (``pos`` 0) from its first keys (:meth:`append`).

@@ -19,7 +19,7 @@ MODES = ("reattention", "streaming", "full")
 SCORINGS = ("paper", "qkv", "qkv2", "qk_pe")  # what a head's top-k ranks keys by
 SELECTIONS = (*SCORINGS, "mass", "mass_shared")
 SCORE_NORMS = {"qkv": 1, "qkv2": 2}  # selections that score keys weighted by this norm of their value
-SCORES = ("exact", "fp8")  # how the top-k is computed (ScopeConfig.score)
+SCORES = ("exact", "fp8")  # how the top-k is computed (ScopeConfig.scoring)
 # Presets ship inside the package as dist_reattn/configs (pyproject.toml maps the top-level configs/
 # there); an editable checkout has them at the top level only.
 _HERE = Path(__file__).resolve().parent
@@ -79,7 +79,7 @@ class ScopeConfig:
     """Prefill chunks per model forward (0: 16 on a GPU, 1 on a CPU). Norms, projections and MLPs run
     once over the slab and the retrieval and attention of its chunks run batched; every chunk still
     gets exactly the scope and attention it would get alone, so results do not depend on it."""
-    score: str = "exact"
+    scoring: str = "exact"
     """How the top-k is computed: ``exact`` (every middle key scored exactly), or ``fp8`` (opt-in,
     approximate: each row's best ``topk + fp8_margin`` tiles of 64 keys chosen on FP8 copies of the
     score keys, then the keys of those tiles scored exactly; the cache keeps the FP8 keys too, +1
@@ -88,7 +88,7 @@ class ScopeConfig:
     use it; the static decode step scores exactly. Records carry the agreement it measured on a
     sample (profile counters ``fp8_rows_sampled``, ``fp8_rows_equal``)."""
     fp8_margin: int = 4
-    """Extra tiles each row keeps beyond ``topk`` under ``score=fp8`` (``topk + fp8_margin <= 16``);
+    """Extra tiles each row keeps beyond ``topk`` under ``scoring=fp8`` (``topk + fp8_margin <= 16``);
     a margin covering every tile gives the exact result."""
 
     def validate(self) -> None:
@@ -121,9 +121,9 @@ class ScopeConfig:
                 f"scope.sink={self.sink} is above scope.local={self.local}: the sink is a few first tokens "
                 f"(paper: 32), the local window the recent context; lower --scope.sink or raise --scope.local"
             )
-        if self.score not in SCORES:
+        if self.scoring not in SCORES:
             raise ConfigError(
-                f"scope.score={self.score!r} is not one of {', '.join(SCORES)} (exact: the default)"
+                f"scope.scoring={self.scoring!r} is not one of {', '.join(SCORES)} (exact: the default)"
             )
         if self.fp8_margin < 0:
             raise ConfigError(
@@ -132,7 +132,7 @@ class ScopeConfig:
         from .kernels import MAX_TOPK  # here, not at import: it brings torch and triton
         from .kernels.fp8 import MAX_KEEP
 
-        if self.score == "fp8" and self.topk + self.fp8_margin > MAX_KEEP:
+        if self.scoring == "fp8" and self.topk + self.fp8_margin > MAX_KEEP:
             fix = (
                 f"--scope.fp8_margin <= {MAX_KEEP - self.topk}"
                 if self.topk <= MAX_KEEP
@@ -140,7 +140,7 @@ class ScopeConfig:
             )
             raise ConfigError(
                 f"scope.topk={self.topk} + scope.fp8_margin={self.fp8_margin} is above the FP8 kernel's "
-                f"{MAX_KEEP} tiles per row: use {fix} (or --scope.score=exact)"
+                f"{MAX_KEEP} tiles per row: use {fix} (or --scope.scoring=exact)"
             )
 
         if self.topk > MAX_TOPK:
@@ -173,7 +173,7 @@ class ScopeLimits:
     score_norm: int = 0
     """The value norm the cache's score keys are weighted by (``SCORE_NORMS[select]``; 0: plain keys)."""
     fp8: bool = False
-    """Whether the cache also keeps the score keys in FP8 (``scope.score=fp8`` in any scope it serves)."""
+    """Whether the cache also keeps the score keys in FP8 (``scope.scoring=fp8`` in any scope it serves)."""
 
     @classmethod
     def of(cls, scopes, device_type: str) -> ScopeLimits:
@@ -192,7 +192,7 @@ class ScopeLimits:
             max(s.chunk for s in scopes),
             max(s.slab_on(device_type) for s in scopes),
             next(iter(norms)),
-            any(s.score == "fp8" for s in scopes),
+            any(s.scoring == "fp8" for s in scopes),
         )
 
     def check(self, scope: ScopeConfig, device_type: str) -> ScopeConfig:
@@ -212,10 +212,10 @@ class ScopeLimits:
                 f"{self.score_norm}), fixed when it was built: build it for that selection, e.g. "
                 f"dist_reattn.load(..., scope={{'select': {scope.select!r}}})"
             )
-        if scope.score == "fp8" and not self.fp8:
+        if scope.scoring == "fp8" and not self.fp8:
             raise ConfigError(
-                "scope.score='fp8' needs the FP8 keys this engine's cache does not keep, fixed when it was "
-                "built: build it for that scoring, e.g. dist_reattn.load(..., scope={'score': 'fp8'})"
+                "scope.scoring='fp8' needs the FP8 keys this engine's cache does not keep, fixed when it was "
+                "built: build it for that scoring, e.g. dist_reattn.load(..., scope={'scoring': 'fp8'})"
             )
         return scope
 

@@ -99,7 +99,7 @@ def plan_memory(
     holds the whole model, and under tensor parallelism every rank loads it whole before AutoTP
     shards it. ``score_keys``: the cache also keeps weighted score keys (``scope.select`` qkv,
     qkv2), half as many bytes again as K and V. ``fp8_keys``: the cache also keeps the score keys in
-    FP8 (``scope.score=fp8``), one byte per key element, and their fp32 scale per layer.
+    FP8 (``scope.scoring=fp8``), one byte per key element, and their fp32 scale per layer.
     """
     b = DTYPE_BYTES[dtype]
     rows = local_capacity(tokens, world, page, 0)
@@ -156,13 +156,13 @@ def plan_for_scope(
         sink=scope.sink,
         local=scope.local,
         score_keys=scope.select in SCORE_NORMS,
-        fp8_keys=scope.score == "fp8",
+        fp8_keys=scope.scoring == "fp8",
     )
 
 
 def widest(scopes, device_type: str) -> ScopeConfig:
     """One scope at least as demanding as each of ``scopes`` in every planned field (sink, local,
-    chunk, slab, spans; ``full`` if any is; ``score=fp8`` if any is, so that its cache keeps the FP8
+    chunk, slab, spans; ``full`` if any is; ``scoring=fp8`` if any is, so that its cache keeps the FP8
     keys): an engine built for it serves each of them, and its memory plan bounds each one's."""
     scopes = list(scopes)
     ScopeLimits.of(scopes, device_type)  # one kind of score keys for all, or a ConfigError
@@ -173,7 +173,7 @@ def widest(scopes, device_type: str) -> ScopeConfig:
         slab=max(s.slab_on(device_type) for s in scopes),
         mode="full" if any(s.mode == "full" for s in scopes) else scopes[0].mode,
         # the margin sizes nothing: 0 keeps the widest topk valid (topk + fp8_margin <= MAX_KEEP)
-        **({"score": "fp8", "fp8_margin": 0} if any(s.score == "fp8" for s in scopes) else {}),
+        **({"scoring": "fp8", "fp8_margin": 0} if any(s.scoring == "fp8" for s in scopes) else {}),
     )
 
 

@@ -55,7 +55,7 @@ def prepare(cfg: Config, capacity: int, comm: Comm) -> Prepared:
     # a retrieval-heads file made with another model is refused here, before the weights load
     retrieval_heads(cfg.scope.heads, len(spec.cache_layers), spec.heads, torch.device("cpu"))
     device = pick_device(cfg.model.device)
-    if cfg.scope.score == "fp8":  # on a GPU without FP8 tensor cores: refused here, one line
+    if cfg.scope.scoring == "fp8":  # on a GPU without FP8 tensor cores: refused here, one line
         check_fp8_scoring(device)
     dtype = pick_dtype(cfg.model.dtype, device)
     plan = plan_for_scope(spec, cfg.scope, capacity, dtype, device, comm.world, cfg.cache.page)
@@ -92,7 +92,7 @@ def new_engine(cfg: Config, model, capacity: int, comm: Comm) -> Engine:
 
 
 SCOPE_RECORD_FIELDS = (
-    "sink", "local", "topk", "span", "recall_clip", "chunk", "select", "heads", "score", "fp8_margin"
+    "sink", "local", "topk", "span", "recall_clip", "chunk", "select", "heads", "scoring", "fp8_margin"
 )  # fmt: skip
 
 

@@ -26,7 +26,7 @@ from .kernels import (
     supports,
 )
 
-# The agreement sample of scope.score=fp8: the first FP8_SAMPLE_TOKENS query tokens of every
+# The agreement sample of scope.scoring=fp8: the first FP8_SAMPLE_TOKENS query tokens of every
 # FP8_SAMPLE_EVERY-th chunk (counted from the first chunk that retrieves), also scored exactly.
 FP8_SAMPLE_TOKENS = 8
 FP8_SAMPLE_EVERY = 16
@@ -35,14 +35,14 @@ FP8_SAMPLE_EVERY = 16
 @dataclass(frozen=True)
 class Scoring:
     """What the retrieval's top-k ranks middle keys by (``scope.select``) and how it is computed
-    (``scope.score``), for prefill and decode alike: the one place the choice lives.
+    (``scope.scoring``), for prefill and decode alike: the one place the choice lives.
 
     ``paper``, ``qkv`` and ``qkv2`` score the query against the cache's score keys (``KVCache.score_k``:
     the keys, or the keys weighted by their value's norm); ``qk_pe`` rotates the query by RoPE at
     the fixed distance ``local`` first, which equals scoring both after RoPE at positions that
     distance apart (``R(p)q . R(p - r)k = R(r)q . k``).
 
-    ``score=fp8`` (``fp8_margin`` set) picks each row's best ``topk + fp8_margin`` tiles on the
+    ``scoring=fp8`` (``fp8_margin`` set) picks each row's best ``topk + fp8_margin`` tiles on the
     cache's FP8 score keys and scores their keys exactly (:func:`local_topk`), where the end row is
     a host int: prefill chunks and one-token steps through the prefill's step. A device end (the
     static decode step, eager or a CUDA graph) keeps the exact kernel: the FP8 launcher sizes its
@@ -56,7 +56,7 @@ class Scoring:
 
     Attributes:
         cos, sin: ``[d]`` the rotation of the query (``qk_pe``), or None.
-        fp8_margin: ``scope.fp8_margin`` under ``score=fp8``; None: exact.
+        fp8_margin: ``scope.fp8_margin`` under ``scoring=fp8``; None: exact.
         count: where the agreement counters go (``Profile.count``), or None.
     """
 
@@ -67,13 +67,13 @@ class Scoring:
 
     @staticmethod
     def of(cfg: ScopeConfig, rope, count: Callable | None = None) -> Scoring:
-        """The scoring of ``cfg.select`` and ``cfg.score``; ``rope(m)`` gives the model's cos, sin
+        """The scoring of ``cfg.select`` and ``cfg.scoring``; ``rope(m)`` gives the model's cos, sin
         ``[m, d]`` for positions ``0..m-1``; ``count(name, n)`` takes the FP8 agreement counters."""
         cos = sin = None
         if cfg.select == "qk_pe":
             cos, sin = rope(cfg.local + 1)
             cos, sin = cos[cfg.local], sin[cfg.local]
-        margin = cfg.fp8_margin if cfg.score == "fp8" else None
+        margin = cfg.fp8_margin if cfg.scoring == "fp8" else None
         return Scoring(cos, sin, margin, count)
 
     def query(self, q: torch.Tensor) -> torch.Tensor:
@@ -82,11 +82,11 @@ class Scoring:
 
 
 def check_fp8_scoring(device: torch.device) -> None:
-    """Refuses ``scope.score=fp8`` on a GPU without FP8 tensor cores: a ConfigError, one line naming it."""
+    """Refuses ``scope.scoring=fp8`` on a GPU without FP8 tensor cores: a ConfigError, one line naming it."""
     try:
         check_fp8(device)
     except RuntimeError as e:
-        raise ConfigError(f"scope.score=fp8: {e}: use --scope.score=exact on this GPU") from None
+        raise ConfigError(f"scope.scoring=fp8: {e}: use --scope.scoring=exact on this GPU") from None
 
 
 def retrieval_heads(path: str, layers: int, heads: int, device: torch.device) -> list[torch.Tensor | None]:
@@ -170,7 +170,7 @@ def score_chunks(
     scoring: Scoring = Scoring(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's top-k of each chunk's queries over its own middle tokens, under ``scoring``: exact,
-    or chosen on FP8 keys (``scope.score=fp8`` and int ends; the agreement sampled, :class:`Scoring`).
+    or chosen on FP8 keys (``scope.scoring=fp8`` and int ends; the agreement sampled, :class:`Scoring`).
 
     Args:
         q: ``[B, c, H, d]`` un-rotated queries of every head, chunk b ending at ``ends[b]``.

@@ -58,7 +58,7 @@ class Trial:
     """The plan made before the weights loaded (:class:`~dist_reattn.plan.MemoryPlan`), bytes per rank."""
     profile: dict
     """Per-stage, per-phase seconds and counters (:meth:`~dist_reattn.profile.Profile.as_dict`); under
-    ``scope.score=fp8`` also ``fp8_rows_sampled`` and ``fp8_rows_equal``: the (query token, head) rows
+    ``scope.scoring=fp8`` also ``fp8_rows_sampled`` and ``fp8_rows_equal``: the (query token, head) rows
     of the agreement sample and those whose top-k index set was the exact one, over this rank's
     shard (:class:`~dist_reattn.select.Scoring`)."""
     kv_bytes_per_rank: int

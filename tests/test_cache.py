@@ -66,7 +66,7 @@ def test_cache_rejects_overflow():
 
 
 def test_fp8_keys_in_the_plan_and_the_cache():
-    # scope.score=fp8: one byte per key element (the FP8 score keys) and an fp32 scale per
+    # scope.scoring=fp8: one byte per key element (the FP8 score keys) and an fp32 scale per
     # (cached layer, KV head, channel), on top of K and V (and of qkv's weighted keys).
     args = dict(chunk=512, max_scope=8192, full_mode=False, world=2)
     exact = plan_memory(SMOLLM2, 1 << 20, torch.bfloat16, torch.device("cpu"), **args)

@@ -41,14 +41,14 @@ def test_presets_and_overrides():
         ("nosuch.x=1", "unknown config section"),
         ("scope.topk", "needs a value"),
         ("model.dtype=fp8", "use auto, bf16"),
-        ("scope.score=int8", r"scope.score='int8' is not one of exact, fp8"),
+        ("scope.scoring=int8", r"scope.scoring='int8' is not one of exact, fp8"),
         ("scope.fp8_margin=-1", "fp8_margin=-1 must be >= 0"),
         (
-            "scope.score=fp8 --scope.fp8_margin=13",
+            "scope.scoring=fp8 --scope.fp8_margin=13",
             r"topk=4 \+ scope.fp8_margin=13 is above .* 16 tiles per "
-            r"row: use --scope.fp8_margin <= 12 \(or --scope.score=exact\)",
+            r"row: use --scope.fp8_margin <= 12 \(or --scope.scoring=exact\)",
         ),
-        ("scope.score=fp8 --scope.topk=20", r"use --scope.topk <= 16"),
+        ("scope.scoring=fp8 --scope.topk=20", r"use --scope.topk <= 16"),
     ],
 )
 def test_bad_overrides(override, message):
@@ -58,9 +58,9 @@ def test_bad_overrides(override, message):
 
 
 def test_fp8_margin_is_checked_only_under_fp8():
-    assert load_config(None, ["scope.fp8_margin=30"]).scope.score == "exact"
+    assert load_config(None, ["scope.fp8_margin=30"]).scope.scoring == "exact"
     assert (
-        load_config(None, ["scope.score=fp8", "scope.topk=4", "scope.fp8_margin=12"]).scope.fp8_margin == 12
+        load_config(None, ["scope.scoring=fp8", "scope.topk=4", "scope.fp8_margin=12"]).scope.fp8_margin == 12
     )
 
 

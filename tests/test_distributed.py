@@ -214,15 +214,15 @@ def test_one_token_pages_split_sequence_groups(reference, tmp_path):
             torch.testing.assert_close(res["qwen2", mode, "lse"]["logits"], ref["logits"], atol=1e-4, rtol=0)
 
 
-# scope.score=fp8 (issue #25) on one architecture at P = 2 (CI time). A longer prompt: a shard's
+# scope.scoring=fp8 (issue #25) on one architecture at P = 2 (CI time). A longer prompt: a shard's
 # middle then spans several 64-key tiles. Tiles are 64 rows of one rank's shard, so the FP8 choice
 # depends on the sharding; with a margin covering every tile it is the exact top-k, the same at any
 # P. With a small one P = 2 may pick otherwise than P = 1; every rank still gets the same scale and
 # FP8 keys, and the ranks agree on every scope (check_consensus).
 FP8_ARCH, FP8_N = "qwen2", 400
 FP8_SCOPES = {
-    "cover": ScopeConfig(mode="reattention", **_R, slab=8, score="fp8", fp8_margin=6),  # 8 tiles: 512 keys
-    "small": ScopeConfig(mode="reattention", **{**_R, "topk": 1}, slab=8, score="fp8", fp8_margin=0),
+    "cover": ScopeConfig(mode="reattention", **_R, slab=8, scoring="fp8", fp8_margin=6),  # 8 tiles: 512 keys
+    "small": ScopeConfig(mode="reattention", **{**_R, "topk": 1}, slab=8, scoring="fp8", fp8_margin=0),
 }
 
 

@@ -1,4 +1,4 @@
-"""``scope.score=fp8`` in the engine (issue #25) on tiny random models, CPU: the FP8 reference scores.
+"""``scope.scoring=fp8`` in the engine (issue #25) on tiny random models, CPU: the FP8 reference scores.
 
 With a margin covering every tile of a row the approximate path is the exact one, bit for bit, so
 the engine's logits, tokens and scopes are the exact engine's; with a small margin on keys with
@@ -20,7 +20,7 @@ from dist_reattn.models.adapter import ReAttnModel
 N, NEW = 150, 5
 # topk 2 + margin 4 keeps 6 tiles of 64 keys: every tile of a middle of at most N - 36 keys
 EXACT = ScopeConfig(mode="reattention", sink=4, local=32, chunk=16, topk=2, span=4, recall_clip=5)
-FP8 = dataclasses.replace(EXACT, score="fp8")
+FP8 = dataclasses.replace(EXACT, scoring="fp8")
 
 
 def greedy(engine: Engine, ids: torch.Tensor, scope: ScopeConfig | None = None):
@@ -69,7 +69,7 @@ def test_fp8_with_a_small_margin_reports_the_agreement_it_measured():
     model = outlier_model("qwen2")
     n = 400  # middles of up to 6 tiles; topk 1 + margin 0 keeps 1
     ids = torch.randint(0, 120, (n,), generator=torch.Generator().manual_seed(1))
-    scope = dataclasses.replace(EXACT, topk=1, score="fp8", fp8_margin=0)
+    scope = dataclasses.replace(EXACT, topk=1, scoring="fp8", fp8_margin=0)
     gen = Engine(model, scope, n + 4).generate(ids, 2)
     prefill = gen.profile["prefill"]
     # Sampled: the first 8 tokens of the chunks starting at 32 (the first that retrieves) and at
@@ -78,7 +78,7 @@ def test_fp8_with_a_small_margin_reports_the_agreement_it_measured():
     assert 0 < prefill["fp8_rows_equal"] < prefill["fp8_rows_sampled"]
     assert isinstance(prefill["fp8_rows_equal"], int)  # read off the device once, as the record keeps it
     # the same model scored exactly: nothing sampled, nothing counted; and it picks otherwise
-    exact = Engine(model, dataclasses.replace(scope, score="exact"), n + 4, record_selection=True)
+    exact = Engine(model, dataclasses.replace(scope, scoring="exact"), n + 4, record_selection=True)
     exact.generate(ids, 2)
     assert "fp8_rows_sampled" not in exact.profile.as_dict()["prefill"]
     # The scale comes from the first chunk's keys, not the first forward's: results do not depend
@@ -96,7 +96,9 @@ def test_fp8_with_a_small_margin_reports_the_agreement_it_measured():
 def test_fp8_needs_an_engine_built_for_it():
     model = ReAttnModel(tiny_model("llama"))
     ids = torch.randint(0, 120, (N,), generator=torch.Generator().manual_seed(1))
-    with pytest.raises(ConfigError, match=r"^scope.score='fp8' needs the FP8 keys this engine's cache") as e:
+    with pytest.raises(
+        ConfigError, match=r"^scope.scoring='fp8' needs the FP8 keys this engine's cache"
+    ) as e:
         Engine(model, EXACT, N + NEW).generate(ids, 2, scope=FP8)
     assert "\n" not in str(e.value)
     # an engine built for both serves an exact call as the exact engine does
@@ -118,12 +120,12 @@ def test_fp8_is_refused_before_the_weights_load_on_a_gpu_without_fp8_tensor_core
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=None: "NVIDIA A100-SXM4-80GB")
-    cfg = load_config(None, ["model.path=random:llama-3.1-8b", "model.device=cuda", "scope.score=fp8"])
+    cfg = load_config(None, ["model.path=random:llama-3.1-8b", "model.device=cuda", "scope.scoring=fp8"])
     with pytest.raises(ConfigError) as e:
         prepare(cfg, 4096, Comm.single())  # (the memory plan would read the GPU's free memory)
     msg = str(e.value)
-    assert "\n" not in msg and msg.startswith("scope.score=fp8: FP8 scoring needs FP8 tensor cores"), msg
-    assert "cuda:0 is NVIDIA A100-SXM4-80GB, compute capability 8.0" in msg and "--scope.score=exact" in msg
+    assert "\n" not in msg and msg.startswith("scope.scoring=fp8: FP8 scoring needs FP8 tensor cores"), msg
+    assert "cuda:0 is NVIDIA A100-SXM4-80GB, compute capability 8.0" in msg and "--scope.scoring=exact" in msg
     # the engine refuses it too (built directly, as benchmarks do)
     model = ReAttnModel(tiny_model("llama"))
     model.device = torch.device("cuda", 0)  # only read by the check, which refuses first

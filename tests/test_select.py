@@ -279,7 +279,7 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys):
 
 @pytest.mark.parametrize("sink, local, chunk", [(4, 32, 16), (32, 4096, 512), (3, 20, 7)])
 def test_fp8_sample_rows_against_brute_force(sink, local, chunk):
-    # scope.score=fp8's agreement sample: query tokens t with (t - t0) % (16 * chunk) < 8, t0 the
+    # scope.scoring=fp8's agreement sample: query tokens t with (t - t0) % (16 * chunk) < 8, t0 the
     # first token of the first chunk that retrieves; one contiguous run of a step's rows.
     from dist_reattn.select import FP8_SAMPLE_EVERY, FP8_SAMPLE_TOKENS, sampled_rows
 
