@@ -77,7 +77,6 @@ class SelectionProbe:
         lo, hi = cfg.sink, self.n_last - cfg.local
         self.middle = hi - lo
         keys = cache.k[layer, lo:hi].float()  # [N, Hkv, d]
-        self._head_dim = keys.shape[-1]
         values = cache.v[layer, lo:hi].float()
         t = self.targets[(self.targets >= lo) & (self.targets < hi)].to(keys.device) - lo
         if t.numel() == 0:  # the answer is in the sink or the local window
@@ -90,7 +89,7 @@ class SelectionProbe:
             scores = _scores(query, k)  # [H, N]
             self.ranks[name].append(_rank(scores, t))
             if name == "paper":
-                self._fuse(scores, t)
+                self._fuse(scores, t, keys.shape[-1])
         # block_mean: aligned blocks of span keys (a ragged last block averages what it has)
         blocks = -(-(hi - lo) // cfg.span)
         block_of = torch.arange(hi - lo, device=keys.device) // cfg.span  # [N]
@@ -102,9 +101,9 @@ class SelectionProbe:
         else:
             self.ranks["block_mean"].append(_rank(_scores(q[b, -1].float(), means), block_of[a].unique()))
 
-    def _fuse(self, scores: torch.Tensor, t: torch.Tensor) -> None:
-        """Appends this layer's fused ranks (module docstring) from its paper scores ``[H, N]``."""
-        d = self._head_dim
+    def _fuse(self, scores: torch.Tensor, t: torch.Tensor, d: int) -> None:
+        """Appends this layer's fused ranks (module docstring) from its paper scores ``[H, N]``
+        (head dimension ``d``)."""
         per_head = {
             "z": (scores - scores.mean(1, keepdim=True)) / scores.std(1, keepdim=True).clamp_min(1e-6),
             "p": torch.softmax(scores / math.sqrt(d), dim=1),
@@ -114,6 +113,84 @@ class SelectionProbe:
             upto = self._upto[kind] = layer if kind not in self._upto else self._upto[kind] + layer
             self.fused[f"{kind}sum"].append(_rank(layer, t)[0])
             self.fused[f"{kind}sum_upto"].append(_rank(upto, t)[0])
+
+
+class ScoringAudit:
+    """How far ``scope.scoring=fp8`` moves the selection from exact, on a run's own queries and keys,
+    for several margins at once (``launch/ruler.py --fp8-audit``).
+
+    On every ``every``-th chunk of a prefill (chunks whose end is a multiple of ``every * chunk``
+    tokens; steps of one token are left out), every retrieving layer, it computes the exact top-k of
+    every query row and head and, per margin, the FP8-chosen top-k (the kernel on a GPU, the
+    reference elsewhere) over the same middle keys, then each one's scope (votes, clip, spans, as
+    :func:`~dist_reattn.select.select_from_candidates`). It counts rows whose top-k index set is the
+    exact one and sums the Jaccard overlap of the scope's middle tokens with the exact scope's.
+
+    The run itself selects as its scope says; the audit only reads. One process only (it reads the
+    whole cache), and the cache must keep FP8 keys (the engine built for ``scoring=fp8``).
+
+    After the run, :meth:`summary` gives per margin ``rows_equal`` (fraction of rows), ``jaccard``
+    (mean over audited scopes) and ``jaccard_min``, with the counts behind them.
+    """
+
+    def __init__(self, margins: list[int], every: int = 16):
+        self.margins, self.every = list(margins), every
+        self.rows = 0
+        self.scopes = 0
+        self.equal = dict.fromkeys(self.margins, 0)
+        self.jaccard = dict.fromkeys(self.margins, 0.0)
+        self.jaccard_min = dict.fromkeys(self.margins, 1.0)
+
+    def __call__(self, engine, layer: int, q: torch.Tensor, n: int) -> None:
+        """``Engine.probe``'s hook: ``q [B, c, H, d]`` un-rotated queries of chunks ending at ``n + b * c``."""
+        from .select import local_topk, select_from_candidates
+
+        B, c = q.shape[:2]
+        cache, cfg = engine.cache, engine.scope
+        assert cache.world == 1, "the FP8 audit reads the whole cache: one process only"
+        assert cache.k8 is not None, "the FP8 audit needs the cache's FP8 keys: build for scope.scoring=fp8"
+        period = self.every * cfg.chunk
+        if c == 1:
+            return
+        keys, k8, scale = cache.score_k[layer], cache.k8[layer], cache.k_scale[layer]
+        for b in range(B):
+            end = n + b * c
+            if end % period:
+                continue
+            lo, hi = cache.local_rows(cfg.sink, end - cfg.local)
+            query = engine.scoring.query(q[b])  # [c, H, d]
+            exact = local_topk(query, keys, lo, hi, cfg.topk)
+            chosen = _middle(select_from_candidates(exact[0][None], exact[1][None], end, cfg, engine.heads[layer]), cfg)
+            want = exact[1].sort(-1).values
+            self.rows += want.shape[0] * want.shape[1]
+            self.scopes += 1
+            for m in self.margins:
+                got = local_topk(query, keys, lo, hi, cfg.topk, (k8, scale, m))
+                self.equal[m] += int((got[1].sort(-1).values == want).all(-1).sum())
+                scope = _middle(select_from_candidates(got[0][None], got[1][None], end, cfg, engine.heads[layer]), cfg)
+                union = torch.cat([chosen, scope]).unique().numel()
+                j = 1.0 if union == 0 else torch.isin(scope, chosen).sum().item() / union
+                self.jaccard[m] += j
+                self.jaccard_min[m] = min(self.jaccard_min[m], j)
+
+    def summary(self) -> dict[str, dict]:
+        """Per margin (keys as strings, for JSON): rows_equal, jaccard, jaccard_min, rows, scopes."""
+        return {
+            str(m): {
+                "rows_equal": self.equal[m] / max(self.rows, 1),
+                "jaccard": self.jaccard[m] / max(self.scopes, 1),
+                "jaccard_min": self.jaccard_min[m],
+                "rows": self.rows,
+                "scopes": self.scopes,
+            }
+            for m in self.margins
+        }
+
+
+def _middle(scope, cfg: ScopeConfig) -> torch.Tensor:
+    """The selected middle tokens of one scope (its sink and local window left out)."""
+    tokens = scope.selected()
+    return tokens[cfg.sink : tokens.numel() - cfg.local]
 
 
 # The fused rankings (see the module docstring), one rank per layer.

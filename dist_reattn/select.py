@@ -212,7 +212,7 @@ def mass_candidates(
     q: torch.Tensor,
     cache: KVCache,
     layer: int,
-    end: int | torch.Tensor,
+    end: int,
     cfg: ScopeConfig,
     comm,
     acc: torch.Tensor | None,
@@ -227,36 +227,28 @@ def mass_candidates(
 
     Args:
         q: ``[H, d]`` the one query token's un-rotated queries, every head.
-        end: tokens in the cache including the token: an int, or a ``[1]`` device tensor.
+        end: tokens in the cache including the token (a host int: the mass selections run through the
+            prefill's step, never the static decode step, ``decode.static_reason``).
         acc: this rank's mass of the step's earlier layers ``[rows]`` (None at the first layer).
 
     Returns:
         ``(scores, index, acc)``: ``[1, 1, 1, recall_clip]`` fused masses (fp32, ``-inf`` padding)
         and global token indices (``-1`` padding), best first, ties to the lower index; and the new
-        ``acc`` (rows ``[lo, hi)`` of this rank's middle, ``hi`` the local capacity for a device end).
+        ``acc`` (rows ``[lo, hi)`` of this rank's middle).
     """
-    lo = cache.local_count(cfg.sink)
-    if isinstance(end, torch.Tensor):  # every shape fixed: rows past the end are masked
-        hi, stop = cache.local_capacity, cache.local_count_at(end - cfg.local)
-    else:
-        lo, hi = cache.local_rows(cfg.sink, end - cfg.local)
-        stop = None
+    lo, hi = cache.local_rows(cfg.sink, end - cfg.local)
     keys = cache.score_k[layer, lo:hi].float()  # [N, Hkv, d]
     H, d = q.shape
     s = (
         torch.einsum("hgd,nhd->hgn", q.float().unflatten(0, (keys.shape[1], -1)), keys).flatten(0, 1)
         * d**-0.5
     )
-    rows = torch.arange(lo, hi, device=q.device)
-    if stop is not None:
-        s = s.masked_fill(rows >= stop, float("-inf"))  # [H, N]
     lse = torch.logsumexp(s, dim=1) if s.shape[1] else s.new_full((H,), float("-inf"))  # [H]
     if comm.world > 1:
         lse = torch.logsumexp(comm.all_gather(lse, "mass_lse"), dim=0)
     mass = torch.exp(s - lse[:, None]).nan_to_num_(0.0).sum(0)  # [N]
     acc = mass if acc is None else acc + mass
-    ranked = acc if stop is None else acc.masked_fill(rows >= stop, float("-inf"))
-    scores, order = ranked.sort(descending=True, stable=True)  # ties: the lower row, the lower token
+    scores, order = acc.sort(descending=True, stable=True)  # ties: the lower row, the lower token
     scores, order = scores[: cfg.recall_clip], order[: cfg.recall_clip]
     index = torch.where(scores > float("-inf"), cache.to_global(order + lo), -1)
     pad = cfg.recall_clip - scores.shape[0]

@@ -19,7 +19,9 @@
 #                                                 # (niah_single_2), 10 samples; SmolLM2 mass at 1M (2 samples)
 #   bash launch/gpu_select.sh OUT shared          # scope.select=mass_shared against paper, SmolLM2, same samples in
 #                                                 # the same run: niah_single_2 at 32K and 128K (10 samples), mass_shared
-#                                                 # also on niah_single_3 + niah_multikey_1 at 32K, noise at 128K (3), 1M (1)
+#                                                 # also on niah_single_3 and niah_multikey_1 at 32K, noise at 128K (3),
+#                                                 # 1M (1); Gemma-3-270M mass_shared on niah_single_2 at 32K and 128K
+#                                                 # and niah_single_3 at 32K, 10 samples (its paper runs: stage models)
 # GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead, where the
 # package is not installed (the device machine, which has no network: launch/results/*/README.md).
 # One launch/ruler.py process per (selection, length), all at once on the one GPU (SmolLM2 cannot keep
@@ -104,12 +106,16 @@ for s in "${stages[@]}"; do
       one mass smollm2-mass-1M --tasks niah_single_2 --len 1M --samples 2 --ceiling none --scope.select=mass
       ;;
     shared)
-      for sel in paper mass_shared; do
-        for n in 32K 128K; do
+      for n in 32K 128K; do
+        for sel in paper mass_shared; do
           one shared "smollm2-$sel-$n" --tasks niah_single_2 --len $n --samples 10 --ceiling none --scope.select=$sel
         done
+        one shared "gemma-mass_shared-$n" "${GEMMA[@]}" --tasks niah_single_2 --len $n --samples 10 --ceiling none --scope.select=mass_shared
       done
-      one shared smollm2-mass_shared-b-32K --tasks niah_single_3,niah_multikey_1 --len 32K --samples 10 --ceiling none --scope.select=mass_shared
+      for t in niah_single_3 niah_multikey_1; do
+        one shared "smollm2-mass_shared-$t-32K" --tasks $t --len 32K --samples 10 --ceiling none --scope.select=mass_shared
+      done
+      one shared gemma-mass_shared-niah_single_3-32K "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none --scope.select=mass_shared
       one shared smollm2-mass_shared-noise-128K --tasks niah_single_1 --len 128K --samples 3 --ceiling none --scope.select=mass_shared
       one shared smollm2-mass_shared-1M --tasks niah_single_2 --len 1M --samples 1 --ceiling none --scope.select=mass_shared
       ;;

@@ -35,7 +35,7 @@ from dist_reattn.config import (
 )
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.models.load import load_tokenizer, resolve
-from dist_reattn.probe import SelectionProbe
+from dist_reattn.probe import ScoringAudit, SelectionProbe
 from dist_reattn.report.measure import profile_line
 from dist_reattn.report.results import append_record, read_records
 from dist_reattn.report.ruler_report import plot_scores, summary_table
@@ -79,6 +79,15 @@ def parse_args(argv: list[str] | None = None):
         help="--recall, plus the selection probe: per layer and query head, the rank of the answer's best "
         "key among the middle keys at that step, under every scope.select scoring (one process only)",
     )
+    p.add_argument(
+        "--fp8-audit",
+        default=None,
+        metavar="MARGINS",
+        help="with --scope.scoring=fp8: also audit the FP8 selection against exact for these margins "
+        "(comma list, e.g. 0,1,2,4,8): on every 16th prefill chunk, every layer, the fraction of "
+        "rows whose top-k is exact and the Jaccard overlap of the scope with the exact one, into "
+        "each record's fp8_audit (one process only)",
+    )
     p.add_argument("--out", default=None, help="output directory (default runs/ruler-<time>)")
     return parse_args_with_overrides(p, argv)
 
@@ -94,6 +103,7 @@ def validate(args):
         raise ConfigError(f"--max-new-tokens {args.max_new_tokens} must be >= 1")
     ceiling = None if args.ceiling.strip().lower() == "none" else parse_count(args.ceiling)
     cfg = config_for_model(args.model, args.config, args.overrides)
+    args.fp8_audit = audit_margins(args.fp8_audit, cfg.scope)
     for m in {*modes, "full"}:
         dataclasses.replace(cfg.scope, mode=m).validate()
     args.out = args.out or f"runs/ruler-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -104,6 +114,26 @@ def validate(args):
     if ceiling is not None:
         cells[ceiling] = ["full", *(m for m in cells.get(ceiling, []) if m != "full")]
     return cfg, tasks, sorted(cells.items()), ceiling
+
+
+def audit_margins(text: str | None, scope) -> list[int] | None:
+    """``--fp8-audit``'s margins, checked against the scope (None: no audit)."""
+    if text is None:
+        return None
+    if scope.scoring != "fp8":
+        raise ConfigError("--fp8-audit audits scope.scoring=fp8: add --scope.scoring=fp8")
+    try:
+        margins = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise ConfigError(f"--fp8-audit {text!r}: give margins as a comma list of ints, e.g. 0,2,4,8") from None
+    from dist_reattn.kernels.fp8 import MAX_KEEP
+
+    bad = [m for m in margins if m < 0 or scope.topk + m > MAX_KEEP]
+    if bad:
+        raise ConfigError(
+            f"--fp8-audit margin {bad[0]} is outside 0..{MAX_KEEP - scope.topk} (topk {scope.topk} + margin <= {MAX_KEEP})"
+        )
+    return margins
 
 
 def record_key(r: dict) -> tuple:
@@ -143,6 +173,8 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
             raise ConfigError(
                 "--recall and --diagnose need one process: the scopes are recorded by the rank that attends"
             )
+        if args.fp8_audit and (comm.world > 1 or args.diagnose):
+            raise ConfigError("--fp8-audit needs one process and no --diagnose (both use the engine's probe hook)")
         tokenizer = load_tokenizer(prep.source)
         for task in tasks:
             for n, _ in cells:
@@ -184,9 +216,11 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
             where = answer_tokens(tokenizer, sample) if args.recall else None  # once for every mode
         engine.record_from = sample.prompt_tokens  # the step that picks the first answer token
         scope = dataclasses.replace(cfg.scope, mode=mode)
-        probe = None
+        probe = audit = None
         if args.diagnose and mode == "reattention":
             probe = engine.probe = SelectionProbe(sample.prompt_tokens, where, scope)
+        if args.fp8_audit and mode == "reattention":
+            audit = engine.probe = ScoringAudit(args.fp8_audit)
         bar.set_description(f"{task} {mode} {format_count(n)}")
         new = args.max_new_tokens or sample.max_new_tokens
         gen, measured = harness.run(sample.input_ids, new, scope, on_chunk=bar.update)
@@ -198,6 +232,9 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
         if probe is not None:
             engine.probe = None
             recall.update(probe_ranks=probe.ranks, probe_fused=probe.fused, probe_middle=probe.middle)
+        if audit is not None:
+            engine.probe = None
+            recall["fp8_audit"] = audit.summary()
         record = {
             "task": task,
             "len": n,

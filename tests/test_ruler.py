@@ -208,6 +208,8 @@ def _launch():
         (["--len", "8Q"], "is not a positive token count"),
         (["--len", "200", "--ceiling", "none"], "--len 200 is too short for RULER niah_single_1: use >="),
         (["--ceiling", "64K"], "--ceiling 65536 is beyond the model's window"),
+        (["--fp8-audit", "0,4"], "--fp8-audit audits scope.scoring=fp8: add --scope.scoring=fp8"),
+        (["--fp8-audit", "0,13", "--scope.scoring=fp8"], "--fp8-audit margin 13 is outside 0..12"),
     ],
 )
 def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
@@ -298,6 +300,21 @@ def test_recall_counts_the_answer_in_each_layers_scope(tokenizer, tmp_path, caps
     tables = report(records)
     assert "| niah_single_1 | 1000 | paper |" in tables and "| noise | 1000 | qkv |" in tables
     assert "| noise | 1000 | zsum_upto |" in tables
+
+
+def test_fp8_audit(tmp_path):
+    """--fp8-audit on a tiny model: at the audited chunk (end 1024 = 16 chunks of 64) the middle is
+    736 keys, 12 tiles of 64, so margin 12 keeps every tile: exact rows and the exact scope."""
+    out = tmp_path / "run"
+    args = ["--model", f"random:{_tiny_shape(tmp_path)}", "--tasks", "niah_single_1", "--len", "1500",
+            "--ceiling", "none", "--mode", "reattention", "--scope.local=256", "--scope.chunk=64",
+            "--scope.scoring=fp8", "--max-new-tokens", "2", "--fp8-audit", "0,12", "--out", str(out)]  # fmt: skip
+    assert _launch().main(args) == 0
+    (r,) = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    audit = r["fp8_audit"]
+    assert set(audit) == {"0", "12"}
+    assert audit["12"] == {"rows_equal": 1.0, "jaccard": 1.0, "jaccard_min": 1.0, "rows": 2 * 64 * 4, "scopes": 2}
+    assert 0 <= audit["0"]["jaccard_min"] <= audit["0"]["jaccard"] <= 1 and 0 <= audit["0"]["rows_equal"] <= 1
 
 
 def test_batch_tasks_carry_answers_and_score(tokenizer, tmp_path):
