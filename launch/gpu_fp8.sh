@@ -3,9 +3,9 @@
 #   bash launch/gpu_fp8.sh OUT tests    # the FP8 kernel and engine tests, compiled on the GPU
 #   bash launch/gpu_fp8.sh OUT time     # SmolLM2 NIAH 1M (noise, depth 0.5), exact then fp8 (margin 4),
 #                                       # one after the other with the GPU to itself: prefill seconds
-#   bash launch/gpu_fp8.sh OUT audit    # the selection audit on real keys: SmolLM2 and Gemma-3-270M at 1M,
-#                                       # niah_single_1 (noise) and niah_single_2 (prose), 1 sample each,
-#                                       # margins 0,1,2,4,8,12 (launch/ruler.py --fp8-audit)
+#   bash launch/gpu_fp8.sh OUT audit    # the selection audit on real keys, margins 0,1,2,4,8,12, 1 sample
+#                                       # each (launch/ruler.py --fp8-audit): SmolLM2 niah_single_2 (prose)
+#                                       # at 1M and niah_single_1 (noise) at 256K; Gemma-3-270M both at 1M
 #   bash launch/gpu_fp8.sh OUT parity   # task parity: RULER niah_single_1/2/3 + niah_multikey_1 at 32K and
 #                                       # 128K, SmolLM2, exact and fp8 on the same samples (SAMPLES, default 3)
 # GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead. The audit and
@@ -45,12 +45,13 @@ for s in "$@"; do
       done
       ;;
     audit)
-      for t in niah_single_1 niah_single_2; do
-        bg audit smollm2-$t python3 launch/ruler.py "${SMOL[@]}" --mode reattention --tasks $t --len 1M --samples 1 \
-          --ceiling none --scope.scoring=fp8 --fp8-audit 0,1,2,4,8,12 --out "$out/audit/smollm2-$t"
-        bg audit gemma-$t python3 launch/ruler.py "${GEMMA[@]}" --mode reattention --tasks $t --len 1M --samples 1 \
-          --ceiling none --scope.scoring=fp8 --fp8-audit 0,1,2,4,8,12 --out "$out/audit/gemma-$t"
-      done
+      au=(--mode reattention --samples 1 --ceiling none --scope.scoring=fp8 --fp8-audit 0,1,2,4,8,12)
+      bg audit smollm2-prose-1M python3 launch/ruler.py "${SMOL[@]}" "${au[@]}" --tasks niah_single_2 --len 1M \
+        --out "$out/audit/smollm2-prose-1M"
+      bg audit smollm2-noise-256K python3 launch/ruler.py "${SMOL[@]}" "${au[@]}" --tasks niah_single_1 --len 256K \
+        --out "$out/audit/smollm2-noise-256K"
+      bg audit gemma-1M python3 launch/ruler.py "${GEMMA[@]}" "${au[@]}" --tasks niah_single_2,niah_single_1 --len 1M \
+        --out "$out/audit/gemma-1M"
       ;;
     parity)
       for n in 32K 128K; do

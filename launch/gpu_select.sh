@@ -19,8 +19,8 @@
 #                                                 # (niah_single_2), 10 samples; SmolLM2 mass at 1M (2 samples)
 #   bash launch/gpu_select.sh OUT shared          # scope.select=mass_shared against paper, SmolLM2, same samples in
 #                                                 # the same run: niah_single_2 at 32K and 128K (10 samples), mass_shared
-#                                                 # also on niah_single_3 and niah_multikey_1 at 32K, noise at 128K (3),
-#                                                 # 1M (1); Gemma-3-270M mass_shared on niah_single_2 at 32K and 128K
+#                                                 # also on niah_single_3 and niah_multikey_1 at 32K, noise at 128K (3);
+#                                                 # Gemma-3-270M mass_shared on niah_single_2 at 32K and 128K
 #                                                 # and niah_single_3 at 32K, 10 samples (its paper runs: stage models)
 # GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead, where the
 # package is not installed (the device machine, which has no network: launch/results/*/README.md).
@@ -117,7 +117,6 @@ for s in "${stages[@]}"; do
       done
       one shared gemma-mass_shared-niah_single_3-32K "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none --scope.select=mass_shared
       one shared smollm2-mass_shared-noise-128K --tasks niah_single_1 --len 128K --samples 3 --ceiling none --scope.select=mass_shared
-      one shared smollm2-mass_shared-1M --tasks niah_single_2 --len 1M --samples 1 --ceiling none --scope.select=mass_shared
       ;;
     *) echo "unknown stage $s" >&2 && continue ;;
   esac
