@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .kernels import key_scale, quantize_keys
+from .kernels import key_center, key_scale, quantize_keys
 
 
 class KVCache:
@@ -26,9 +26,10 @@ class KVCache:
     cache also keeps ``score_k``, the same shape: each key times the L1 / L2 norm of its value, what
     the ``qkv`` / ``qkv2`` selections score (``scope.select``); otherwise ``score_k`` is ``k``.
     With ``fp8`` (``scope.scoring=fp8``) it also keeps ``k8`` ``[layers, local_capacity, Hkv, d]``
-    ``float8_e4m3fn``, the score keys quantized (:func:`~dist_reattn.kernels.quantize_keys`), and
-    ``k_scale`` ``[layers, Hkv, d]`` fp32, one scale per layer and sequence, set at the sequence's
-    first append (``pos`` 0) from its first keys (:meth:`append`).
+    ``float8_e4m3fn``, the score keys minus their per-channel centre, quantized
+    (:func:`~dist_reattn.kernels.quantize_keys`), with ``k_center`` and ``k_scale`` ``[layers, Hkv, d]``
+    fp32, one centre and one scale per layer and sequence, set at the sequence's first append
+    (``pos`` 0) from its first keys (:meth:`append`).
     """
 
     def __init__(
@@ -53,13 +54,14 @@ class KVCache:
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.score_norm = score_norm
         self.score_k = torch.empty(shape, dtype=dtype, device=device) if score_norm else self.k
-        self.k8 = self.k_scale = None
+        self.k8 = self.k_scale = self.k_center = None
         if fp8:
             self.k8 = torch.empty(shape, dtype=torch.float8_e4m3fn, device=device)
             self.k_scale = torch.ones((layers, kv_heads, head_dim), dtype=torch.float32, device=device)
+            self.k_center = torch.zeros((layers, kv_heads, head_dim), dtype=torch.float32, device=device)
 
     def nbytes(self) -> int:
-        fp8 = 0 if self.k8 is None else self.k8.nbytes + self.k_scale.nbytes
+        fp8 = 0 if self.k8 is None else self.k8.nbytes + self.k_scale.nbytes + self.k_center.nbytes
         return self.k.numel() * self.k.element_size() * (3 if self.score_norm else 2) + fp8
 
     def local_count(self, g: int) -> int:
@@ -111,7 +113,7 @@ class KVCache:
         if self.score_norm:
             pairs.append((self.score_k[layer], sk))
         if self.k8 is not None:  # as bytes: index_copy_ has no float8 kernel on a CPU
-            k8 = quantize_keys(sk, self.k_scale[layer]).view(torch.uint8)
+            k8 = quantize_keys(sk, self.k_scale[layer], center=self.k_center[layer]).view(torch.uint8)
             pairs.append((self.k8[layer].view(torch.uint8), k8))
         for cache, new in pairs:
             cache.index_copy_(0, row, torch.where(mine, new, cache[row]))  # unchanged unless mine
@@ -124,7 +126,7 @@ class KVCache:
         Args:
             k, v: ``[c, Hkv, d]`` pre-RoPE keys and values of the chunk (all ranks hold the chunk).
             scale_rows: with FP8 keys, the sequence's first append (``pos`` 0) sets the layer's
-                ``k_scale`` from the score keys of its first ``scale_rows`` tokens (None: all). Every
+                ``k_center`` and ``k_scale`` from the score keys of its first ``scale_rows`` tokens (None: all). Every
                 rank holds them all, so every rank gets the same scale; the engine passes the chunk
                 length, so the scale does not depend on the slab. Later keys quantize with it,
                 saturating where they exceed it.
@@ -134,7 +136,9 @@ class KVCache:
             raise RuntimeError(f"KV cache full: {pos + c} tokens > capacity {self.capacity}")
         if self.k8 is not None and pos == 0:
             k0, v0 = k[:scale_rows], v[:scale_rows]
-            self.k_scale[layer] = key_scale(score_keys(k0, v0, self.score_norm) if self.score_norm else k0)
+            sk0 = score_keys(k0, v0, self.score_norm) if self.score_norm else k0
+            self.k_center[layer] = key_center(sk0)
+            self.k_scale[layer] = key_scale(sk0, center=self.k_center[layer])
         if self.world == 1:
             lo, hi = pos, pos + c
         else:
@@ -148,7 +152,9 @@ class KVCache:
         if self.score_norm:
             self.score_k[layer, lo:hi] = score_keys(k, v, self.score_norm)
         if self.k8 is not None:
-            quantize_keys(self.score_k[layer, lo:hi], self.k_scale[layer], out=self.k8[layer, lo:hi])
+            quantize_keys(
+                self.score_k[layer, lo:hi], self.k_scale[layer], out=self.k8[layer, lo:hi], center=self.k_center[layer]
+            )
 
 
 def score_keys(k: torch.Tensor, v: torch.Tensor, p: int) -> torch.Tensor:

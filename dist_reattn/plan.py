@@ -99,13 +99,13 @@ def plan_memory(
     holds the whole model, and under tensor parallelism every rank loads it whole before AutoTP
     shards it. ``score_keys``: the cache also keeps weighted score keys (``scope.select`` qkv,
     qkv2), half as many bytes again as K and V. ``fp8_keys``: the cache also keeps the score keys in
-    FP8 (``scope.scoring=fp8``), one byte per key element, and their fp32 scale per layer.
+    FP8 (``scope.scoring=fp8``), one byte per key element, and their fp32 centre and scale per layer.
     """
     b = DTYPE_BYTES[dtype]
     rows = local_capacity(tokens, world, page, 0)
     kv = rows * spec.kv_bytes_per_token(b) * (3 if score_keys else 2) // 2
-    if fp8_keys:  # k8 [layers, rows, Hkv, d] of 1 byte, k_scale [layers, Hkv, d] fp32
-        kv += rows * spec.kv_bytes_per_token(1) // 2 + spec.kv_bytes_per_token(4) // 2
+    if fp8_keys:  # k8 [layers, rows, Hkv, d] of 1 byte, k_center and k_scale [layers, Hkv, d] fp32
+        kv += rows * spec.kv_bytes_per_token(1) // 2 + spec.kv_bytes_per_token(4)
     window = 0
     if world > 1:
         window = (window_size(sink, local, slab * chunk) + sink) * spec.kv_bytes_per_token(b)

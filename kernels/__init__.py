@@ -8,10 +8,10 @@ launcher; ``_variants.py`` reaches other configurations, for benchmarks and test
 is the approximate path (tiles chosen by FP8 scores, rescored exactly; reference in ``ref.py``).
 """
 
-from .fp8 import check_fp8, fold_query, key_scale, quantize_keys, score_topk_fp8, supports_fp8
+from .fp8 import check_fp8, fold_query, key_center, key_scale, quantize_keys, score_topk_fp8, supports_fp8
 from .merge import sort_topk
 from .ref import score_topk_fp8_ref, score_topk_ref
 from .score_topk import MAX_TOPK, score_topk, supports
 
-__all__ = ["MAX_TOPK", "check_fp8", "fold_query", "key_scale", "quantize_keys", "score_topk", "score_topk_fp8",
+__all__ = ["MAX_TOPK", "check_fp8", "fold_query", "key_center", "key_scale", "quantize_keys", "score_topk", "score_topk_fp8",
            "score_topk_fp8_ref", "score_topk_ref", "sort_topk", "supports", "supports_fp8"]  # fmt: skip

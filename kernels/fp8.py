@@ -7,9 +7,10 @@ exact path scores), ``k8`` [N, Hkv, d] the same keys in e4m3 (``torch.float8_e4m
 
 What is computed (:func:`~.ref.score_topk_fp8_ref` is the definition):
 
-1. ``k8 = e4m3(k / scale)`` (:func:`quantize_keys`), ``q8 = e4m3(q * scale / r)`` with one power
-   of two ``r`` per row (:func:`fold_query`): ``q8 . k8 = (q * scale) . (k / scale) / r``, roughly
-   ``q . k / r``, and a positive factor per row changes no ranking within the row.
+1. ``k8 = e4m3((k - mu) / scale)`` (:func:`quantize_keys`; ``mu`` the keys' per-channel centre,
+   :func:`key_center`, or 0), ``q8 = e4m3(q * scale / r)`` with one power of two ``r`` per row
+   (:func:`fold_query`): ``q8 . k8 = (q * scale) . ((k - mu) / scale) / r``, roughly
+   ``(q . k - q . mu) / r``; a shift and a positive factor per row change no ranking within the row.
 2. Per row, each tile's maximum of ``q8 . k8`` (pass 1, :func:`_fp8_tile_max_kernel`: FP8 dot,
    fp32 accumulate); the row's ``keep = topk + margin`` best tiles by that maximum, ties to the lower
    tile (:func:`~.two_pass._plan_kernel`).
@@ -56,8 +57,28 @@ def _pow2_at_least(x: torch.Tensor) -> torch.Tensor:
     return torch.ldexp(torch.ones_like(m), e - (m == 0.5).to(e.dtype))
 
 
-def key_scale(k: torch.Tensor, headroom: float = KEY_HEADROOM) -> torch.Tensor:
-    """Per-(KV head, channel) scale of the keys ``k`` [N, Hkv, d]: ``[Hkv, d]`` fp32 powers of two.
+def key_center(k: torch.Tensor) -> torch.Tensor:
+    """Per-(KV head, channel) mean of the keys ``k`` [N, Hkv, d]: ``[Hkv, d]`` fp32.
+
+    The FP8 keys are the keys minus this centre (:func:`quantize_keys`). For one query row ``q``
+    (one KV head's), ``q . (k - mu) = q . k - q . mu`` moves every score of the row by the same
+    amount, so no ranking within the row changes, tiles included; but the FP8 rounding error of a
+    product scales with its magnitude, and real keys carry large per-channel offsets shared by
+    every token (the outlier channels of LLM keys, which SageAttention's smoothing of K removes the
+    same way). Centred, the rounding is relative to what varies between keys, not to the offset.
+    """
+    assert k.dim() == 3, k.shape
+    total = torch.zeros(k.shape[1:], dtype=torch.float32, device=k.device)
+    for b0 in range(0, k.shape[0], _QUANT_ROWS):
+        total += k[b0 : b0 + _QUANT_ROWS].float().sum(0)
+    return total / max(k.shape[0], 1)
+
+
+def key_scale(
+    k: torch.Tensor, headroom: float = KEY_HEADROOM, center: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-(KV head, channel) scale of the keys ``k`` [N, Hkv, d] (minus ``center`` [Hkv, d], if
+    given: :func:`key_center`): ``[Hkv, d]`` fp32 powers of two.
 
     The least power of two with ``amax * headroom / scale <= E4M3_MAX``, ``amax`` the channel's
     largest ``|k|`` over these keys: they land in ``(E4M3_MAX / (2 headroom), E4M3_MAX / headroom]``.
@@ -69,19 +90,23 @@ def key_scale(k: torch.Tensor, headroom: float = KEY_HEADROOM) -> torch.Tensor:
     """
     assert k.dim() == 3 and headroom >= 1, (k.shape, headroom)
     amax = torch.zeros(k.shape[1:], dtype=torch.float32, device=k.device)  # [Hkv, d]
+    mu = 0.0 if center is None else center.float()
     for b0 in range(0, k.shape[0], _QUANT_ROWS):
-        amax = torch.maximum(amax, k[b0 : b0 + _QUANT_ROWS].abs().amax(0).float())
+        amax = torch.maximum(amax, (k[b0 : b0 + _QUANT_ROWS].float() - mu).abs().amax(0))
     amax = torch.where(amax > 0, amax, amax.amax(-1, keepdim=True))
     return _pow2_at_least(amax * headroom / E4M3_MAX)
 
 
-def quantize_keys(k: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``e4m3(k / scale)``, saturating at ``+-E4M3_MAX``.
+def quantize_keys(
+    k: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None, center: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``e4m3((k - center) / scale)``, saturating at ``+-E4M3_MAX``.
 
     Args:
         k: ``[N, Hkv, d]`` keys, any float dtype.
-        scale: ``[Hkv, d]`` fp32 (:func:`key_scale`), on ``k``'s device.
+        scale: ``[Hkv, d]`` fp32 (:func:`key_scale`, of the same centre), on ``k``'s device.
         out: optional ``[N, Hkv, d]`` float8_e4m3fn destination (e.g. a slice of a cache).
+        center: optional ``[Hkv, d]`` fp32 (:func:`key_center`); None: 0.
 
     Returns:
         ``[N, Hkv, d]`` ``torch.float8_e4m3fn`` (``out`` if given), round to nearest even.
@@ -91,10 +116,11 @@ def quantize_keys(k: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None
         out = torch.empty(k.shape, dtype=torch.float8_e4m3fn, device=k.device)
     assert out.shape == k.shape and out.dtype == torch.float8_e4m3fn, (out.shape, out.dtype)
     inv = 1.0 / scale.float()  # exact: powers of two
+    mu = 0.0 if center is None else center.float()
     for b0 in range(0, k.shape[0], _QUANT_ROWS):  # chunks: 4M keys x 8 heads x 128 in fp32 is 16 GiB
         b1 = min(b0 + _QUANT_ROWS, k.shape[0])
         # clamp first: e4m3fn has no inf, and an out-of-range conversion gives NaN
-        out[b0:b1] = (k[b0:b1].float() * inv).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+        out[b0:b1] = ((k[b0:b1].float() - mu) * inv).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return out
 
 

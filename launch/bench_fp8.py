@@ -7,7 +7,7 @@ accumulate, bf16 out) matmul rates at 8192^3; then for SmolLM2 (9/3 heads x 64) 
 (32/8 x 128) shapes, c = 2048, topk 4 and every N (256K to 4M): the exact ``score_topk`` and
 ``score_topk_fp8`` at ``--margin`` (do_bench median; inputs rotated past L2 where small), their
 speedup, TFLOP/s counting ``2 c H N d`` for the score pass, the first call of each (compile and
-warm-up) timed apart, the key quantization (``key_scale`` + ``quantize_keys``, what a cache pays once
+warm-up) timed apart, the key quantization (``key_center`` + ``key_scale`` + ``quantize_keys``, what a cache pays once
 per key) timed apart, and the top-k agreement with the exact kernel on these random keys for every
 ``--agree-margins`` value: the fraction of rows (token, head) whose fp8 top-k index set equals
 the exact one, and the mean fraction of the exact top-k found (recall).
@@ -34,7 +34,7 @@ from triton.testing import do_bench
 
 from dist_reattn.cli import run_main
 from dist_reattn.config import ConfigError
-from dist_reattn.kernels import check_fp8, key_scale, quantize_keys, score_topk, score_topk_fp8
+from dist_reattn.kernels import check_fp8, key_center, key_scale, quantize_keys, score_topk, score_topk_fp8
 from dist_reattn.kernels._variants import score_topk_fp8_variant
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -118,8 +118,9 @@ def run_point(args, out, name, c, N, mm_bf16, mm_fp8):
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for s in sets:
-        s[3] = key_scale(s[1])
-        s[2] = quantize_keys(s[1], s[3])
+        mu = key_center(s[1])  # as the cache does: keys centred per channel, then scaled
+        s[3] = key_scale(s[1], center=mu)
+        s[2] = quantize_keys(s[1], s[3], center=mu)
     torch.cuda.synchronize()
     t_quant = (time.perf_counter() - t0) * 1e3 / copies
     flops = 2 * c * H * N * d
@@ -211,7 +212,7 @@ def main():
         f"dense fp8 e4m3 matmul (torch._scaled_mm, bf16 out) {mm_fp8:.0f} TFLOP/s\n"
         f"- random bf16 q and keys, keys [0, N); TFLOP/s counts 2*c*H*N*d (the score pass) for both; ms is "
         f"do_bench's median, inputs rotated past L2; first call = compile + warm-up + one call (wall); "
-        f"quantize = key_scale + quantize_keys per key set (not in the fp8 ms)\n"
+        f"quantize = key_center + key_scale + quantize_keys per key set (not in the fp8 ms)\n"
     )
     out = Output(args.out, head)
     out.record({"kind": "ceilings", "device": dev, "mm_bf16_tflops": mm_bf16, "mm_fp8_tflops": mm_fp8,

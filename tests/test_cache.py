@@ -66,16 +66,16 @@ def test_cache_rejects_overflow():
 
 
 def test_fp8_keys_in_the_plan_and_the_cache():
-    # scope.scoring=fp8: one byte per key element (the FP8 score keys) and an fp32 scale per
+    # scope.scoring=fp8: one byte per key element (the FP8 score keys) and an fp32 centre and scale per
     # (cached layer, KV head, channel), on top of K and V (and of qkv's weighted keys).
     args = dict(chunk=512, max_scope=8192, full_mode=False, world=2)
     exact = plan_memory(SMOLLM2, 1 << 20, torch.bfloat16, torch.device("cpu"), **args)
     fp8 = plan_memory(SMOLLM2, 1 << 20, torch.bfloat16, torch.device("cpu"), **args, fp8_keys=True)
-    assert fp8.kv_bytes == exact.kv_bytes + (1 << 19) * 30 * 3 * 64 + 30 * 3 * 64 * 4
+    assert fp8.kv_bytes == exact.kv_bytes + (1 << 19) * 30 * 3 * 64 + 2 * 30 * 3 * 64 * 4  # k8; centre, scale
     both = plan_memory(
         SMOLLM2, 1 << 20, torch.bfloat16, torch.device("cpu"), **args, score_keys=True, fp8_keys=True
     )
-    assert both.kv_bytes == (1 << 19) * 23040 * 3 // 2 + (1 << 19) * 30 * 3 * 64 + 30 * 3 * 64 * 4
+    assert both.kv_bytes == (1 << 19) * 23040 * 3 // 2 + (1 << 19) * 30 * 3 * 64 + 2 * 30 * 3 * 64 * 4
     # the plan counts what the cache allocates
     spec = ModelSpec("llama", 2, 6, 3, 16, 96, 96, 128, 512, True)
     for world, norm in [(1, 0), (3, 1)]:
@@ -90,14 +90,15 @@ def test_fp8_keys_in_the_plan_and_the_cache():
 @pytest.mark.parametrize("norm", [0, 2])
 def test_fp8_keys_are_the_score_keys_quantized_with_the_first_chunks_scale(norm):
     from dist_reattn.cache import score_keys
-    from dist_reattn.kernels import key_scale, quantize_keys
+    from dist_reattn.kernels import key_center, key_scale, quantize_keys
 
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(40, 2, 8, generator=g), torch.randn(40, 2, 8, generator=g)
     k[30:] *= 8  # later keys beyond the scale saturate
     sk = score_keys(k, v, norm) if norm else k
-    scale = key_scale(sk[:8])  # the first chunk's (scale_rows), whatever the first append holds
-    want = quantize_keys(sk, scale)
+    center = key_center(sk[:8])  # the first chunk's (scale_rows), whatever the first append holds
+    scale = key_scale(sk[:8], center=center)
+    want = quantize_keys(sk, scale, center=center)
     for world in (1, 2):
         for rank in range(world):
             cache = KVCache(1, 2, 8, 40, torch.float32, torch.device("cpu"), rank, world, 4, norm, fp8=True)
@@ -105,7 +106,7 @@ def test_fp8_keys_are_the_score_keys_quantized_with_the_first_chunks_scale(norm)
             cache.append(0, 16, k[16:39], v[16:39])
             cache.append_at(0, torch.tensor([39]), k[39:], v[39:])  # decode: a device position
             rows = torch.arange(cache.local_count(40))
-            assert torch.equal(cache.k_scale[0], scale)
+            assert torch.equal(cache.k_scale[0], scale) and torch.equal(cache.k_center[0], center)
             assert torch.equal(
                 cache.k8[0, rows].view(torch.uint8), want[cache.to_global(rows)].view(torch.uint8)
             )

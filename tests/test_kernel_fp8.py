@@ -40,6 +40,7 @@ from dist_reattn.kernels import (  # noqa: E402
     common,
     fold_query,
     fp8,
+    key_center,
     key_scale,
     quantize_keys,
     ref,
@@ -197,6 +198,30 @@ def test_key_scale_and_quantize_keys():
         assert torch.equal(key_scale(k), scale)
     finally:
         fp8._QUANT_ROWS = old
+
+
+def test_centred_keys_rank_what_a_shared_offset_hides():
+    # Real keys carry per-channel offsets shared by every token (outlier channels). q . k then holds
+    # a large term q . mu, the same for every key of a row, whose FP8 rounding error swamps what
+    # tells the keys apart; the keys minus their centre (key_center) leave the ranking as it was
+    # (a shift per row) and round only what varies. The first keys' centre, as the cache takes it.
+    gen = torch.Generator().manual_seed(3)
+    c, H, Hkv, d, N, topk = 16, 4, 2, 64, 2048, 4
+    offset = torch.zeros(Hkv, d)
+    offset[:, :8] = 30 * torch.randn(Hkv, 8, generator=gen).sign()
+    k = offset + torch.randn(N, Hkv, d, generator=gen)
+    q = torch.randn(c, H, d, generator=gen)
+    q[..., :8] += 2  # queries that read the offset channels too
+    want = score_topk_ref(q, k, 0, N, topk)[1].sort(-1).values
+    equal = {}
+    for name, center in [("plain", None), ("centred", key_center(k[:512]))]:
+        scale = key_scale(k[:512], center=center)
+        k8 = quantize_keys(k, scale, center=center)
+        got = score_topk_fp8_ref(q, k, k8, scale, 0, N, topk, margin=2)[1].sort(-1).values
+        equal[name] = (got == want).all(-1).float().mean().item()
+        every = score_topk_fp8_ref(q, k, k8, scale, 0, 16 * TILE, topk, margin=16 - topk)
+        assert_equal_topk(*every, *score_topk_ref(q, k, 0, 16 * TILE, topk), topk)  # every tile: exact
+    assert equal["centred"] >= 0.95 and equal["plain"] <= equal["centred"] - 0.3, equal
 
 
 def test_fold_query():
