@@ -153,7 +153,10 @@ class KVCache:
             self.score_k[layer, lo:hi] = score_keys(k, v, self.score_norm)
         if self.k8 is not None:
             quantize_keys(
-                self.score_k[layer, lo:hi], self.k_scale[layer], out=self.k8[layer, lo:hi], center=self.k_center[layer]
+                self.score_k[layer, lo:hi],
+                self.k_scale[layer],
+                out=self.k8[layer, lo:hi],
+                center=self.k_center[layer],
             )
 
 

@@ -160,14 +160,18 @@ class ScoringAudit:
             lo, hi = cache.local_rows(cfg.sink, end - cfg.local)
             query = engine.scoring.query(q[b])  # [c, H, d]
             exact = local_topk(query, keys, lo, hi, cfg.topk)
-            chosen = _middle(select_from_candidates(exact[0][None], exact[1][None], end, cfg, engine.heads[layer]), cfg)
+            chosen = _middle(
+                select_from_candidates(exact[0][None], exact[1][None], end, cfg, engine.heads[layer]), cfg
+            )
             want = exact[1].sort(-1).values
             self.rows += want.shape[0] * want.shape[1]
             self.scopes += 1
             for m in self.margins:
                 got = local_topk(query, keys, lo, hi, cfg.topk, (k8, scale, m))
                 self.equal[m] += int((got[1].sort(-1).values == want).all(-1).sum())
-                scope = _middle(select_from_candidates(got[0][None], got[1][None], end, cfg, engine.heads[layer]), cfg)
+                scope = _middle(
+                    select_from_candidates(got[0][None], got[1][None], end, cfg, engine.heads[layer]), cfg
+                )
                 union = torch.cat([chosen, scope]).unique().numel()
                 j = 1.0 if union == 0 else torch.isin(scope, chosen).sum().item() / union
                 self.jaccard[m] += j

@@ -125,7 +125,9 @@ def audit_margins(text: str | None, scope) -> list[int] | None:
     try:
         margins = sorted({int(x) for x in text.split(",")})
     except ValueError:
-        raise ConfigError(f"--fp8-audit {text!r}: give margins as a comma list of ints, e.g. 0,2,4,8") from None
+        raise ConfigError(
+            f"--fp8-audit {text!r}: give margins as a comma list of ints, e.g. 0,2,4,8"
+        ) from None
     from dist_reattn.kernels.fp8 import MAX_KEEP
 
     bad = [m for m in margins if m < 0 or scope.topk + m > MAX_KEEP]
@@ -174,7 +176,9 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
                 "--recall and --diagnose need one process: the scopes are recorded by the rank that attends"
             )
         if args.fp8_audit and (comm.world > 1 or args.diagnose):
-            raise ConfigError("--fp8-audit needs one process and no --diagnose (both use the engine's probe hook)")
+            raise ConfigError(
+                "--fp8-audit needs one process and no --diagnose (both use the engine's probe hook)"
+            )
         tokenizer = load_tokenizer(prep.source)
         for task in tasks:
             for n, _ in cells:

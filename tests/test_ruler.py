@@ -313,7 +313,13 @@ def test_fp8_audit(tmp_path):
     (r,) = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     audit = r["fp8_audit"]
     assert set(audit) == {"0", "12"}
-    assert audit["12"] == {"rows_equal": 1.0, "jaccard": 1.0, "jaccard_min": 1.0, "rows": 2 * 64 * 4, "scopes": 2}
+    assert audit["12"] == {
+        "rows_equal": 1.0,
+        "jaccard": 1.0,
+        "jaccard_min": 1.0,
+        "rows": 2 * 64 * 4,
+        "scopes": 2,
+    }
     assert 0 <= audit["0"]["jaccard_min"] <= audit["0"]["jaccard"] <= 1 and 0 <= audit["0"]["rows_equal"] <= 1
 
 
