@@ -321,6 +321,9 @@ def test_fp8_audit(tmp_path):
         "scopes": 2,
     }
     assert 0 <= audit["0"]["jaccard_min"] <= audit["0"]["jaccard"] <= 1 and 0 <= audit["0"]["rows_equal"] <= 1
+    from dist_reattn.report.selection_report import report
+
+    assert "| 1500 | 12 | 1 | 1.000 | 1.000 | 1.000 | 512 | 2 |" in report([r])
 
 
 def test_batch_tasks_carry_answers_and_score(tokenizer, tmp_path):

@@ -15,7 +15,10 @@ that step). The tables:
 * **heads**: the (layer, head) pairs that rank the answer best across the prose samples;
 * **fused**: the heads' scores fused per layer and over layers (``probe_fused``, see
   :mod:`dist_reattn.probe`): per layer, the share of samples whose fused rank is below ``recall_clip``
-  (a scope of the best ``recall_clip`` fused keys would hold the answer) and the median rank.
+  (a scope of the best ``recall_clip`` fused keys would hold the answer) and the median rank;
+* **FP8 audit** (records of ``ruler.py --fp8-audit``, where there are any): per model, task, length
+  and margin, the fraction of audited rows whose FP8 top-k is the exact one and the scope's Jaccard
+  overlap with the exact scope (mean and least), from :class:`~dist_reattn.probe.ScoringAudit`.
 """
 
 from __future__ import annotations
@@ -234,7 +237,34 @@ def fused_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def audit_table(records: list[dict]) -> str:
+    """The FP8 audit per model, task, length and margin (rows and scopes pooled over samples)."""
+    cells = defaultdict(list)
+    for r in records:
+        for m, a in r.get("fp8_audit", {}).items():
+            cells[(r["model"], r["task"], r["len"], int(m))].append(a)
+    lines = [
+        "| model | task | len | margin | n | rows equal | scope Jaccard | least Jaccard | rows | scopes |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for (model, task, n, m), audits in sorted(cells.items()):
+        rows, scopes = sum(a["rows"] for a in audits), sum(a["scopes"] for a in audits)
+        equal = sum(a["rows_equal"] * a["rows"] for a in audits) / max(rows, 1)
+        jaccard = sum(a["jaccard"] * a["scopes"] for a in audits) / max(scopes, 1)
+        least = min(a["jaccard_min"] for a in audits)
+        lines.append(
+            f"| {model} | {task} | {format_count(n)} | {m} | {len(audits)} | {equal:.3f} | {jaccard:.3f} "
+            f"| {least:.3f} | {rows} | {scopes} |"
+        )
+    return "\n".join(lines)
+
+
 def report(records: list[dict]) -> str:
+    audit = (
+        ["## FP8 scoring against exact (--fp8-audit)", audit_table(records)]
+        if any("fp8_audit" in r for r in records)
+        else []
+    )
     return "\n\n".join(
         [
             "## Variants (same samples, one process per selection)",
@@ -249,13 +279,16 @@ def report(records: list[dict]) -> str:
             heads_table(records),
             "## Heads fused per layer and over layers (paper scoring)",
             fused_table(records),
+            *audit,
         ]
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", help="results.jsonl files of ruler.py --diagnose runs")
+    p.add_argument(
+        "results", nargs="+", help="results.jsonl files of ruler.py --diagnose (or --fp8-audit) runs"
+    )
     p.add_argument("--out", default=None, help="write the tables to this Markdown file too")
     p.add_argument(
         "--heads-out",
