@@ -35,7 +35,7 @@ import torch
 
 from .cache import score_keys
 from .config import SCORE_NORMS, SCORINGS, ScopeConfig
-from .select import Scoring
+from .select import FP8_SAMPLE_EVERY, Scoring, local_topk, select_from_candidates
 
 
 def span_targets(answer: list[int], span: int) -> list[int]:
@@ -133,7 +133,7 @@ class ScoringAudit:
     (mean over audited scopes) and ``jaccard_min``, with the counts behind them.
     """
 
-    def __init__(self, margins: list[int], every: int = 16):
+    def __init__(self, margins: list[int], every: int = FP8_SAMPLE_EVERY):
         self.margins, self.every = list(margins), every
         self.rows = 0
         self.scopes = 0
@@ -143,8 +143,6 @@ class ScoringAudit:
 
     def __call__(self, engine, layer: int, q: torch.Tensor, n: int) -> None:
         """``Engine.probe``'s hook: ``q [B, c, H, d]`` un-rotated queries of chunks ending at ``n + b * c``."""
-        from .select import local_topk, select_from_candidates
-
         B, c = q.shape[:2]
         cache, cfg = engine.cache, engine.scope
         assert cache.world == 1, "the FP8 audit reads the whole cache: one process only"
