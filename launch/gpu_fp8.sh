@@ -8,7 +8,8 @@
 #                                       # at 1M and niah_single_1 (noise) at 256K; Gemma-3-270M both at 1M
 #   bash launch/gpu_fp8.sh OUT parity   # task parity: RULER niah_single_1/2/3 + niah_multikey_1 at 32K and
 #                                       # 128K, SmolLM2, exact and fp8 on the same samples (SAMPLES, default 3)
-# GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead. The audit and
+# GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead; GEMMA=none skips
+# the Gemma-3-270M audit. The audit and
 # parity processes of a stage run at once on the one GPU, so their seconds are not speed figures;
 # LIMIT=seconds stops them that long after the stage began (default 3600); re-runs resume.
 set -uo pipefail
@@ -17,7 +18,8 @@ out=$1
 shift
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 SMOL=(--model smollm2-135m --model.dtype=bf16)
-GEMMA=(--model "${GEMMA:-gemma3-270m}" --config gemma3-270m --model.dtype=bf16)
+gemma=${GEMMA:-gemma3-270m}
+GEMMA=(--model "$gemma" --config gemma3-270m --model.dtype=bf16)
 left() { echo $((${LIMIT:-3600} - (SECONDS - start))); }
 
 bg() {  # bg STAGE NAME CMD...: CMD in the background, its log and command line in OUT/STAGE/NAME/
@@ -50,7 +52,7 @@ for s in "$@"; do
         --out "$out/audit/smollm2-prose-1M"
       bg audit smollm2-noise-256K python3 launch/ruler.py "${SMOL[@]}" "${au[@]}" --tasks niah_single_1 --len 256K \
         --out "$out/audit/smollm2-noise-256K"
-      bg audit gemma-1M python3 launch/ruler.py "${GEMMA[@]}" "${au[@]}" --tasks niah_single_2,niah_single_1 --len 1M \
+      [ "$gemma" = none ] || bg audit gemma-1M python3 launch/ruler.py "${GEMMA[@]}" "${au[@]}" --tasks niah_single_2,niah_single_1 --len 1M \
         --out "$out/audit/gemma-1M"
       ;;
     parity)

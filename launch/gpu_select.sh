@@ -23,7 +23,8 @@
 #                                                 # Gemma-3-270M mass_shared on niah_single_2 at 32K and 128K
 #                                                 # and niah_single_3 at 32K, 10 samples (its paper runs: stage models)
 # GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead, where the
-# package is not installed (the device machine, which has no network: launch/results/*/README.md).
+# package is not installed (the device machine, which has no network: launch/results/*/README.md);
+# GEMMA=none skips the Gemma-3-270M processes.
 # One launch/ruler.py process per (selection, length), all at once on the one GPU (SmolLM2 cannot keep
 # it busy alone), so s/sample are not speed figures; prefill_seconds compare the selections only
 # because every process shares the GPU the same way. Each process writes
@@ -39,13 +40,15 @@ export PYTHONUNBUFFERED=1
 TASKS=niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue,niah_single_1
 
 SMOL=(--model smollm2-135m)
-GEMMA=(--model "${GEMMA:-gemma3-270m}" --config gemma3-270m)
+gemma=${GEMMA:-gemma3-270m}
+GEMMA=(--model "$gemma" --config gemma3-270m)
 PROSE=niah_single_2,niah_single_3,niah_multikey_1,niah_multivalue
 
 one() {  # one STAGE NAME ARGS...: a ruler.py process in the background (SmolLM2 unless ARGS name a model)
   local stage=$1 name=$2
   shift 2
   local dir=$out/$stage/$name
+  [ "$gemma" = none ] && [[ " $* " == *" --model "* ]] && echo "== $stage/$name: skipped (GEMMA=none)" && return
   mkdir -p "$dir"
   local model=("${SMOL[@]}")
   [[ " $* " == *" --model "* ]] && model=()
