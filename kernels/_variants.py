@@ -92,6 +92,8 @@ FP8_CONFIG_KEYS = {
     "num_warps",
     "num_stages",
     "GATE",
+    "PIPE",
+    "FLOOR",
     "BLOCK_M2",
     "num_warps2",
     "num_stages2",
@@ -111,6 +113,7 @@ def score_topk_fp8_variant(
     splits: int | None = None,
     config: dict | None = None,
     return_picks: bool = False,
+    inexact: bool = False,
 ):
     """:func:`~.fp8.score_topk_fp8` with ``config`` over :func:`~.fp8.fp8_config`.
 
@@ -118,14 +121,18 @@ def score_topk_fp8_variant(
         q, k, k8, scale, start, end, topk, margin: as for :func:`~.fp8.score_topk_fp8`.
         splits: key-range splits per row block of pass 1 (default: enough to fill the GPU).
         config: overrides: ``BLOCK_M``, ``num_warps``, ``num_stages`` (pass 1), ``GATE`` (pass 1
-            inserts only when some row of the block gains: 1; always: 0), ``BLOCK_M2``,
+            inserts only when some row of the block gains: 1; always: 0), ``PIPE`` (pass 1 issues
+            the next tile's dot before this tile's list update: 1; in turn: 0), ``FLOOR`` (pass 1
+            keeps only a running row maximum: the benchmark floor, WRONG results), ``BLOCK_M2``,
             ``num_warps2``, ``num_stages2`` (plan and pass 2). ``BLOCK_N`` stays ``FP8_TILE``.
         return_picks: also return each row's chosen tiles, ``[c, H, topk + margin]`` int64 (-1 for
             none), ordered by pass 1's maxima descending, then tile ascending.
+        inexact: also take ``FLOOR`` (results WRONG by design, for same-run benchmarks only).
 
     Returns:
         ``(scores, index)`` ``[c, H, topk]``, and the picks if asked.
     """
+    assert inexact or not (config or {}).get("FLOOR"), f"{config} returns wrong results: pass inexact=True"
     check_fp8(q.device)
     _check_fp8_inputs(q, k, k8, scale, start, end, topk, margin)
     c, H, d = q.shape

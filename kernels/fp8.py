@@ -223,13 +223,20 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         UPCAST: tl.constexpr,
         GATE: tl.constexpr,
+        PIPE: tl.constexpr,
+        FLOOR: tl.constexpr,
     ):
         """Pass 1: per row, the ``KEEP`` largest tile maxima of ``q8 . k8`` in one split and their
         tiles, into ``cand_*[kvh, row, split * KEEP_PAD:]`` (unsorted; -inf / NO_TILE past what the
         row has). ``q8`` [c, H, d] and ``k8`` [N, Hkv, d] are e4m3: ``tl.dot`` on the FP8 tensor
         cores, fp32 accumulate. The key tile is loaded [HEAD_DIM, BLOCK_N] with HEAD_DIM contiguous
         (each key's channels), i.e. the B operand K-major, as FP8 wgmma wants it. ``UPCAST``
-        (interpreter): the dot in fp32 on the same (exactly representable) values."""
+        (interpreter): the dot in fp32 on the same (exactly representable) values. ``PIPE`` 1 issues
+        tile ``t + 1``'s dot before tile ``t``'s maximum and list update (the same results; whether
+        the compiler then overlaps them is what a benchmark measures); 0 scores and keeps in turn.
+        ``FLOOR`` 1 (a benchmark baseline, WRONG results by design) keeps only each row's running
+        maximum over its whole tiles, no list: the dot and one compare per score, what the list
+        update costs on top."""
         pid_m = tl.program_id(0)
         pid_s = tl.program_id(1)
         kvh = tl.program_id(2)
@@ -241,12 +248,33 @@ if triton is not None:
             k_ptr, kvh, pid_s, start, end, split_len, stride_kn, stride_kh, HEAD_DIM, BLOCK_N
         )
         tile0 = pid_s * (split_len // BLOCK_N)
-        for t in range(0, n_full):
-            s = _score(q, tl.load(k_tile), UPCAST, False)  # [BLOCK_M, BLOCK_N] fp32
-            best_a, best_t, thr, worst_t = _keep_tile(
-                tl.max(s, axis=1), tile0 + t, best_a, best_t, thr, worst_t, BLOCK_M, GATE
-            )
-            k_tile += BLOCK_N * stride_kn
+        if FLOOR:
+            run = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            for _t in range(0, n_full):
+                run = tl.maximum(run, tl.max(_score(q, tl.load(k_tile), UPCAST, False), axis=1))
+                k_tile += BLOCK_N * stride_kn
+            best_a, best_t, thr, worst_t = _keep_tile(run, tile0, best_a, best_t, thr, worst_t, BLOCK_M, 0)
+        elif PIPE:
+            if n_full > 0:
+                s = _score(q, tl.load(k_tile), UPCAST, False)  # [BLOCK_M, BLOCK_N] fp32
+                for t in range(1, n_full):
+                    k_tile += BLOCK_N * stride_kn
+                    s_next = _score(q, tl.load(k_tile), UPCAST, False)
+                    best_a, best_t, thr, worst_t = _keep_tile(
+                        tl.max(s, axis=1), tile0 + t - 1, best_a, best_t, thr, worst_t, BLOCK_M, GATE
+                    )
+                    s = s_next
+                best_a, best_t, thr, worst_t = _keep_tile(
+                    tl.max(s, axis=1), tile0 + n_full - 1, best_a, best_t, thr, worst_t, BLOCK_M, GATE
+                )
+                k_tile += BLOCK_N * stride_kn
+        else:
+            for t in range(0, n_full):
+                s = _score(q, tl.load(k_tile), UPCAST, False)  # [BLOCK_M, BLOCK_N] fp32
+                best_a, best_t, thr, worst_t = _keep_tile(
+                    tl.max(s, axis=1), tile0 + t, best_a, best_t, thr, worst_t, BLOCK_M, GATE
+                )
+                k_tile += BLOCK_N * stride_kn
         tail = lo + n_full * BLOCK_N
         if tail < hi:  # ragged last tile, masked
             col_ok = tail + offs_n < hi
@@ -380,7 +408,8 @@ def _fp8_first_pass(q8, k8, start, end, keep, splits, cfg):
         n_rows, g, start, end, split_len,
         q8.stride(0), q8.stride(1), k8.stride(0), k8.stride(1), cand_a.stride(0), cand_a.stride(1),
         HEAD_DIM=d, KEEP=keep, KEEP_PAD=keep_pad, BLOCK_M=block_m, BLOCK_N=block_n, UPCAST=INTERPRETED,
-        GATE=cfg.get("GATE", 0), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        GATE=cfg.get("GATE", 0), PIPE=cfg.get("PIPE", 0), FLOOR=cfg.get("FLOOR", 0),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     return _plan(cand_a, cand_t, keep, block_m2)
 

@@ -16,7 +16,8 @@ the exact one, and the mean fraction of the exact top-k found (recall).
 Writes ``OUT/results.jsonl`` (one line per record, flushed as it goes: a run cut short by
 ``timeout`` keeps what it measured) and ``OUT/README.md`` (the tables, rewritten after every point).
 ``--fp8-config K=V,...`` (repeatable) also times pass-1 variants at every point (e.g. ``GATE=1``,
-``BLOCK_M=256``), through the private ``kernels/_variants.py``.
+``PIPE=1``, ``BLOCK_M=256``; ``FLOOR=1`` is the baseline whose pass 1 keeps only a running row maximum,
+wrong results by design: what the per-tile list costs), through the private ``kernels/_variants.py``.
 """
 
 from __future__ import annotations
@@ -140,7 +141,7 @@ def run_point(args, out, name, c, N, mm_bf16, mm_fp8):
             fn = lambda q, k, k8, sc: score_topk_fp8(q, k, k8, sc, 0, N, topk, args.margin)  # noqa: E731
         else:
             fn = lambda q, k, k8, sc, cfg=cfg: score_topk_fp8_variant(  # noqa: E731
-                q, k, k8, sc, 0, N, topk, args.margin, config=cfg
+                q, k, k8, sc, 0, N, topk, args.margin, config=cfg, inexact=True
             )
         full = {**fp8_config(H // Hkv * c, d), **(cfg or {})}
         pass1 = lambda q, k, k8, sc, full=full: _fp8_first_pass(  # noqa: E731

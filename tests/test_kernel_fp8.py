@@ -429,9 +429,20 @@ def test_kernel_equal_tile_maxima(topk, margin, splits, device):
 
 
 @needs_kernel
+def test_floor_baseline_only_when_asked():
+    """``FLOOR`` (pass 1 without its tile list: a benchmark floor) returns wrong results by design,
+    so the variant entry point refuses it unless told ``inexact``; told, it runs."""
+    q, k, k8, scale = make(4, 4, 2, 64, 300, torch.float16, "random", seed=3, device=DEVICE)
+    with pytest.raises(AssertionError, match="wrong results"):
+        score_topk_fp8_variant(q, k, k8, scale, 0, 300, 2, 1, config={"FLOOR": 1})
+    v, i = score_topk_fp8_variant(q, k, k8, scale, 0, 300, 2, 1, config={"FLOOR": 1}, inexact=True)
+    assert v.shape == i.shape == (4, 4, 2)
+
+
+@needs_kernel
 @pytest.mark.parametrize("device", [DEVICE])
 @pytest.mark.parametrize(
-    "config", [{"GATE": 1}, {"BLOCK_M": 16, "BLOCK_M2": 16}, {"BLOCK_M": 64, "BLOCK_M2": 32}]
+    "config", [{"GATE": 1}, {"PIPE": 1}, {"BLOCK_M": 16, "BLOCK_M2": 16}, {"BLOCK_M": 64, "BLOCK_M2": 32}]
 )
 def test_kernel_configs(config, device):
     c, H, Hkv, d, N, start, end, topk, margin = 9, 9, 3, 64, 330, 3, 320, 3, 2
