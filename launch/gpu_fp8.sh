@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # scope.scoring=fp8 against exact on one GPU, behind launch/results/fp8-*/ (issue: FP8 scoring):
 #   bash launch/gpu_fp8.sh OUT tests    # the FP8 kernel and engine tests, compiled on the GPU
+#   bash launch/gpu_fp8.sh OUT bench    # the kernel against exact at c 512 (the engine's chunk) and 2048,
+#                                       # N 256K-4M, with pass-1 variants PIPE=1, GATE=1 and the FLOOR=1
+#                                       # baseline (pass 1 without its tile list: what the list costs)
 #   bash launch/gpu_fp8.sh OUT time     # SmolLM2 NIAH 1M (noise, depth 0.5), exact then fp8 (margin 4),
 #                                       # one after the other with the GPU to itself: prefill seconds
 #   bash launch/gpu_fp8.sh OUT audit    # the selection audit on real keys, margins 0,1,2,4,8,12, 1 sample
@@ -37,6 +40,11 @@ for s in "$@"; do
     tests)
       mkdir -p "$out/tests"
       timeout "$(left)" python3 -m pytest -q tests/test_kernel_fp8.py tests/test_engine_fp8.py 2>&1 | tee "$out/tests/log.txt" | tail -n 5
+      ;;
+    bench)
+      timeout "$(left)" python3 launch/bench_fp8.py --out "$out/bench" --c 512 2048 --agree-margins 4 \
+        --fp8-config PIPE=1 --fp8-config GATE=1 --fp8-config PIPE=1,GATE=1 --fp8-config FLOOR=1 2>&1 |
+        tee "$out/bench.txt" | grep '^|'
       ;;
     time)
       for sc in exact fp8; do

@@ -22,6 +22,11 @@
 #                                                 # also on niah_single_3 and niah_multikey_1 at 32K, noise at 128K (3);
 #                                                 # Gemma-3-270M mass_shared on niah_single_2 at 32K and 128K
 #                                                 # and niah_single_3 at 32K, 10 samples (its paper runs: stage models)
+#   bash launch/gpu_select.sh OUT shared2         # what stage shared left (select-mass_shared-H100-2026-12-07/):
+#                                                 # SmolLM2 mass_shared on niah_multivalue at 32K and niah_single_3 at
+#                                                 # 32K with span 64 / clip 63 (the same scope budget; its UUID value
+#                                                 # is longer than span 32 reaches), 10 samples each, niah_single_2 at
+#                                                 # 1M (2); Gemma-3-270M mass_shared as in stage shared
 # GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead, where the
 # package is not installed (the device machine, which has no network: launch/results/*/README.md);
 # GEMMA=none skips the Gemma-3-270M processes.
@@ -120,6 +125,16 @@ for s in "${stages[@]}"; do
       done
       one shared gemma-mass_shared-niah_single_3-32K "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none --scope.select=mass_shared
       one shared smollm2-mass_shared-noise-128K --tasks niah_single_1 --len 128K --samples 3 --ceiling none --scope.select=mass_shared
+      ;;
+    shared2)
+      one shared2 smollm2-mass_shared-niah_multivalue-32K --tasks niah_multivalue --len 32K --samples 10 --ceiling none --scope.select=mass_shared
+      one shared2 smollm2-mass_shared-span64-niah_single_3-32K --tasks niah_single_3 --len 32K --samples 10 --ceiling none \
+        --scope.select=mass_shared --scope.span=64 --scope.recall_clip=63
+      one shared2 smollm2-mass_shared-1M --tasks niah_single_2 --len 1M --samples 2 --ceiling none --scope.select=mass_shared
+      for n in 32K 128K; do
+        one shared2 "gemma-mass_shared-$n" "${GEMMA[@]}" --tasks niah_single_2 --len $n --samples 10 --ceiling none --scope.select=mass_shared
+      done
+      one shared2 gemma-mass_shared-niah_single_3-32K "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none --scope.select=mass_shared
       ;;
     *) echo "unknown stage $s" >&2 && continue ;;
   esac
