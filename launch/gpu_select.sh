@@ -26,7 +26,8 @@
 #                                                 # SmolLM2 mass_shared on niah_multivalue at 32K and niah_single_3 at
 #                                                 # 32K with span 64 / clip 63 (the same scope budget; its UUID value
 #                                                 # is longer than span 32 reaches), 10 samples each, niah_single_2 at
-#                                                 # 1M (2); Gemma-3-270M mass_shared as in stage shared
+#                                                 # 1M (2); Gemma-3-270M mass_shared as in stage shared, and
+#                                                 # niah_single_3 at 32K with span 64 / clip 128, paper and mass_shared
 # GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead, where the
 # package is not installed (the device machine, which has no network: launch/results/*/README.md);
 # GEMMA=none skips the Gemma-3-270M processes.
@@ -135,6 +136,10 @@ for s in "${stages[@]}"; do
         one shared2 "gemma-mass_shared-$n" "${GEMMA[@]}" --tasks niah_single_2 --len $n --samples 10 --ceiling none --scope.select=mass_shared
       done
       one shared2 gemma-mass_shared-niah_single_3-32K "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none --scope.select=mass_shared
+      for sel in paper mass_shared; do
+        one shared2 "gemma-$sel-span64-niah_single_3-32K" "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none \
+          --scope.select=$sel --scope.span=64 --scope.recall_clip=128
+      done
       ;;
     *) echo "unknown stage $s" >&2 && continue ;;
   esac
