@@ -39,6 +39,23 @@ def smollm2_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(str(model_dir), gguf_file=SMOLLM2_GGUF)
 
 
+@pytest.fixture(scope="session")
+def smollm2_hf(smollm2_tokenizer, tmp_path_factory):
+    """The bundled SmolLM2-135M-Instruct as a local HF directory: the GGUF's weights de-quantized to
+    fp32 safetensors, with its tokenizer (chat template included). The same model and the same tokens
+    as the bundled name, but a process loads it in under a second where the GGUF costs ~20 s of a CPU
+    core (its metadata parsed for the config, the tokenizer and the weights, which are de-quantized):
+    for the tests that start many processes of the same model. Pass ``--config smollm2-135m`` with
+    it (a directory gets no preset of its own). The GGUF path is tested where it is the point:
+    test_smollm2.py, the README example (test_packaging.py), the Slurm two-node job."""
+    from dist_reattn.models.load import load_model, resolve
+
+    d = tmp_path_factory.mktemp("smollm2_hf")
+    load_model(resolve("smollm2-135m"), torch.float32, torch.device("cpu")).save_pretrained(d)
+    smollm2_tokenizer.save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Llama with the SmolLM2 tokenizer (and its vocabulary), as a local HF directory:

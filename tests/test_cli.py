@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from side_by_side import run_side_by_side
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,8 +68,13 @@ def test_memory_plan_refuses_before_loading():
 
 
 @pytest.mark.slow
-def test_short_run_writes_results_and_resumes(tmp_path):
+def test_short_run_writes_results_and_resumes(smollm2_hf, tmp_path):
+    # SmolLM2 from its HF copy (conftest.py): each of the two runs loads it in a second, not ~20 s.
     args = [
+        "--model",
+        str(smollm2_hf),
+        "--config",
+        "smollm2-135m",
         "--len",
         "600",
         "--depths",
@@ -103,20 +109,26 @@ def test_short_run_writes_results_and_resumes(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_give_the_same_answers_as_one(tmp_path):
-    # SmolLM2 beyond sink + local (1.5K prompt, local 256): the retrieval step runs on both shards.
+def test_two_ranks_give_the_same_answers_as_one(smollm2_hf, tmp_path):
+    # SmolLM2 beyond sink + local (1K prompt, local 256): the retrieval step runs on both shards.
+    # SmolLM2 from its HF copy (conftest.py: the same weights, loaded in a second, not ~20 s).
     args = [
-        str(ROOT / "launch" / "niah.py"),
-        "--len", "1500", "--depths", "0.3,0.7", "--mode", "reattention,streaming",
+        str(ROOT / "launch" / "niah.py"), "--model", str(smollm2_hf), "--config", "smollm2-135m",
+        "--len", "1000", "--depths", "0.3,0.7", "--mode", "reattention,streaming",
         "--scope.local=256", "--scope.chunk=128", "--scope.recall_clip=16", "--cache.page=64",
         "--debug.check_consensus=true",
     ]  # fmt: skip
-    one = subprocess.run(
-        [sys.executable, *args, "--out", str(tmp_path / "p1")], capture_output=True, text=True
+    # The two runs are independent: side by side, one thread per process (torchrun's default for its
+    # ranks), on 2 cores they take a little longer than the two-rank run alone, not the sum of both.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    one, two = run_side_by_side(
+        [
+            [sys.executable, *args, "--out", str(tmp_path / "p1")],
+            [*torchrun, *args, "--out", str(tmp_path / "p2")],
+        ],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert one.returncode == 0, one.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    two = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "p2")], capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
     r1 = [json.loads(x) for x in (tmp_path / "p1" / "results.jsonl").read_text().splitlines()]
     r2 = [json.loads(x) for x in (tmp_path / "p2" / "results.jsonl").read_text().splitlines()]
@@ -129,7 +141,7 @@ def test_two_ranks_give_the_same_answers_as_one(tmp_path):
             b["correct"],
         )
         assert (a["world"], b["world"]) == (1, 2)
-        # 1516 tokens in 64-token pages: 24 pages, 12 per rank.
+        # 1016 tokens in 64-token pages: 16 pages, 8 per rank.
         assert b["kv_bytes_per_rank"] * 2 == a["kv_bytes_per_rank"]
     assert r2[0]["collectives"]["topk_candidates"]["calls"] > 0
     assert r2[0]["collectives"]["decode_partials"]["calls"] > 0 and "scope_kv" in r2[0]["collectives"]

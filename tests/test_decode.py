@@ -14,7 +14,7 @@ import copy
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_distributed import free_port, join
+from test_distributed import free_port, join, spawn
 from tiny_models import ARCHS, tiny_model
 
 from dist_reattn.config import ScopeConfig
@@ -187,7 +187,7 @@ def test_static_step_on_ranks_equals_one_process(world, tmp_path):
     # same ranks and one process's (fp32; the LSE merge and SDPA sum in other orders: 1e-4 on logits
     # of order 1); its greedy loop gives one process's first tokens.
     path = str(tmp_path / "r")
-    mp.spawn(_ranks_worker, args=(world, free_port(), path), nprocs=world, join=True)
+    spawn(_ranks_worker, (world, free_port(), path), world)  # forked from test_distributed's server
     results = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(world)]
     torch.set_grad_enabled(False)
     for arch in ("llama", "gemma3_text"):

@@ -9,6 +9,7 @@ unevenly (4 + 2 query, 2 + 1 KV heads), at P = 3 evenly.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import time
@@ -136,6 +137,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The ranks fork from a server that has imported this module (torch, transformers, dist_reattn) and
+# the modeling modules tiny_model reaches: a spawned rank imports them all again, ~4 s of a core each,
+# for the 29 ranks of this file and test_decode.py's 5 (this file took 196 s with spawned ranks, 114 s
+# with forked ones, on 2 cores). The server has only imported (forking it is what a DataLoader does
+# with torch); every rank still sets its own threads, environment and process group.
+PRELOAD = [
+    "test_distributed",
+    *(f"transformers.models.{arch}.modeling_{arch}" for arch in (*ARCHS, "gemma3")),
+]
+
+
+def spawn(fn, args: tuple, world: int) -> None:
+    """``mp.spawn(fn, args, nprocs=world, join=True)``, the processes forked from the preloaded server."""
+    multiprocessing.set_forkserver_preload(PRELOAD)  # read when the server starts (the first call)
+    mp.start_processes(fn, args=args, nprocs=world, join=True, start_method="forkserver")
+
+
 @pytest.fixture(scope="module")
 def reference():
     return run_all(Comm.single())
@@ -164,7 +182,7 @@ def merged_selections(results: list[dict], key) -> dict:
 
 def run_ranks(world: int, layout: str, archs, tmp_path, page: int = PAGE) -> list[dict]:
     path = str(tmp_path / "result")
-    mp.spawn(_worker, args=(world, free_port(), path, layout, archs, page), nprocs=world, join=True)
+    spawn(_worker, (world, free_port(), path, layout, archs, page), world)
     return [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(world)]
 
 
@@ -258,7 +276,7 @@ def _fp8_worker(rank: int, world: int, port: int, path: str) -> None:
 def test_fp8_ranks_hold_the_same_keys_and_match_single_process(tmp_path):
     ref = run_fp8(Comm.single())
     path = str(tmp_path / "fp8")
-    mp.spawn(_fp8_worker, args=(2, free_port(), path), nprocs=2, join=True)
+    spawn(_fp8_worker, (2, free_port(), path), 2)
     results = [torch.load(f"{path}.rank{r}", weights_only=False) for r in range(2)]
     for name in FP8_SCOPES:
         want = ref[name]
@@ -298,7 +316,7 @@ def test_a_hung_rank_fails_the_job_within_the_timeout(tmp_path):
     path = str(tmp_path / "err")
     t0 = time.perf_counter()
     with pytest.raises(mp.ProcessExitedException):
-        mp.spawn(_hung_worker, args=(2, free_port(), path), nprocs=2, join=True)
+        spawn(_hung_worker, (2, free_port(), path), 2)
     assert time.perf_counter() - t0 < 40  # not the hung rank's 60 s: the timeout (3 s) ended the job
     waited, message = open(f"{path}.rank0").read().split(" ", 1)
     assert 2.5 < float(waited) < 20

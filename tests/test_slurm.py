@@ -7,9 +7,11 @@ done (not root, no apt-get, daemons that do not start) every test here skips wit
 
 The templates run as a user would submit them, with the GPU lines overridden on the command line
 (``--partition=cpu --gpus-per-node=0 --cpus-per-task=2``, ``GPUS`` = ranks per node) and batch jobs
-of SmolLM2-135M over three ~760-token NIAH tasks on 2 gloo ranks. The scope (sink 16, local 256,
+of SmolLM2-135M over three ~500-token NIAH tasks on 2 gloo ranks. The scope (sink 16, local 256,
 chunk 128) puts every prompt past sink + local, so retrieval runs; contexts beyond the model's 8K
-window would cost minutes per task on two shared cores (measured: ~190 s for one 8.8K task).
+window would cost minutes per task on two shared cores (measured: ~190 s for one 8.8K task). The
+two-node job loads the bundled GGUF (the templates' default MODEL); the pre-emption job, which starts
+twice, loads the same weights from their HF copy (conftest.py), in a second instead of ~20 s.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ TEMPLATES = sorted(SLURM.glob("*.sbatch"))
 # What a CPU cluster needs instead of the templates' GPU lines (command-line options win over #SBATCH).
 CPU = ["--partition=cpu", "--gpus-per-node=0", "--cpus-per-task=2"]
 EXTRA = "--scope.sink=16 --scope.local=256 --scope.chunk=128 --max-new-tokens 12"
-N_TASKS, LEN = 3, 768
+N_TASKS, LEN = 3, 512
 JOB_TIMEOUT = 1200  # seconds for one model-loading job: two shared cores, SmolLM2 loads in each rank
 
 pytestmark = pytest.mark.cluster
@@ -231,10 +233,11 @@ def test_multi_node_template_runs_two_nodes_with_one_rank_each(two_nodes):
 
 @pytest.mark.slow
 def test_preempted_job_exits_143_keeps_its_answers_and_resumes_after_requeue(
-    cluster, tasks, two_nodes, tmp_path
+    cluster, tasks, two_nodes, smollm2_hf, tmp_path
 ):
     out = tmp_path / "run" / "answers.jsonl"
-    variables = {"GPUS": "2", "TASK": "batch", "IN": str(tasks), "OUT": str(tmp_path / "run"), "EXTRA": EXTRA}
+    variables = {"GPUS": "2", "TASK": "batch", "IN": str(tasks), "OUT": str(tmp_path / "run")}
+    variables.update(MODEL=str(smollm2_hf), EXTRA=f"{EXTRA} --config smollm2-135m")
     job_id = submit(cluster, tmp_path, "one_node.sbatch", ["--nodes=1", "--requeue"], **variables)
     wait_for("the first answer", lambda: out.exists() and out.read_text().count('"answer"') >= 1)
     slurm(cluster, "scancel", "--signal=TERM", "--full", job_id)
@@ -253,7 +256,7 @@ def test_preempted_job_exits_143_keeps_its_answers_and_resumes_after_requeue(
     print(f"after requeue: {len(final)} answers, ids {[r['id'] for r in final]}")
     assert final[: len(kept)] == kept  # the records of the first run are untouched
     assert sorted(r["id"] for r in final) == [f"niah-{i}" for i in range(N_TASKS)]  # each id once
-    _, reference = two_nodes  # the same 2 ranks and settings, never interrupted
+    _, reference = two_nodes  # the same 2 ranks, settings and weights (from the GGUF), never interrupted
     assert {r["id"]: r["answer"] for r in final} == {r["id"]: r["answer"] for r in reference}
     assert {r["world"] for r in final} == {2}
     log = (tmp_path / f"dist-reattn-{job_id}.out").read_text()  # appended across the two runs
