@@ -31,6 +31,11 @@ from .kernels import (
 FP8_SAMPLE_TOKENS = 8
 FP8_SAMPLE_EVERY = 16
 
+# Mantissa bits the fused mass keeps when ranked (mass_candidates): masses that agree to 2^-MASS_BITS
+# relative rank as equal (then the lower token first), so that the rounding of the softmax's
+# normalisation, which differs with the number of ranks it is reduced over, reorders no near-tie.
+MASS_BITS = 12
+
 
 @dataclass(frozen=True)
 class Scoring:
@@ -232,7 +237,8 @@ def mass_candidates(
         acc: this rank's mass of the step's earlier layers ``[rows]`` (None at the first layer).
 
     Returns:
-        ``(scores, index, acc)``: ``[1, 1, 1, recall_clip]`` fused masses (fp32, ``-inf`` padding)
+        ``(scores, index, acc)``: ``[1, 1, 1, recall_clip]`` fused masses rounded to
+            :data:`MASS_BITS` mantissa bits (fp32, ``-inf`` padding)
         and global token indices (``-1`` padding), best first, ties to the lower index; and the new
         ``acc`` (rows ``[lo, hi)`` of this rank's middle).
     """
@@ -248,7 +254,9 @@ def mass_candidates(
         lse = torch.logsumexp(comm.all_gather(lse, "mass_lse"), dim=0)
     mass = torch.exp(s - lse[:, None]).nan_to_num_(0.0).sum(0)  # [N]
     acc = mass if acc is None else acc + mass
-    scores, order = acc.sort(descending=True, stable=True)  # ties: the lower row, the lower token
+    m, e = torch.frexp(acc)  # acc = m * 2^e, m in [0.5, 1): keep MASS_BITS bits of m
+    ranked = torch.ldexp(torch.round(m * 2.0**MASS_BITS) / 2.0**MASS_BITS, e)
+    scores, order = ranked.sort(descending=True, stable=True)  # ties: the lower row, the lower token
     scores, order = scores[: cfg.recall_clip], order[: cfg.recall_clip]
     index = torch.where(scores > float("-inf"), cache.to_global(order + lo), -1)
     pad = cfg.recall_clip - scores.shape[0]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -237,8 +239,9 @@ class _Gathered:
 @pytest.mark.parametrize("integer_keys", [False, True])
 def test_mass_selection_matches_brute_force(world, page, integer_keys):
     """``scope.select=mass``: layer l keeps the recall_clip keys of largest softmax mass summed over
-    the heads and the layers 0..l (ties: lower index), each widened by the span."""
-    from dist_reattn.select import mass_candidates
+    the heads and the layers 0..l, ranked at MASS_BITS mantissa bits (ties: lower index), each
+    widened by the span."""
+    from dist_reattn.select import MASS_BITS, mass_candidates
 
     gen = torch.Generator().manual_seed(world * 7 + page + integer_keys)
     L, H, Hkv, d, n = 2, 4, 2, 8, 120
@@ -255,15 +258,17 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys):
         for layer in range(L):
             cache.append(layer, 0, k[layer], k[layer])
         caches.append(cache)
-    acc_brute = [0.0] * n
+    acc_brute = torch.zeros(n)
     accs = [None] * world
     for layer in range(L):
         s = torch.einsum("hd,nhd->hn", q[layer], k[layer, lo:hi].repeat_interleave(H // Hkv, 1)) / d**0.5
         lse = torch.logsumexp(s, 1)  # [H]
-        p = torch.exp(s - lse[:, None]).sum(0)
-        for j in range(lo, hi):
-            acc_brute[j] += float(p[j - lo])
-        kept = sorted(range(lo, hi), key=lambda j: (-acc_brute[j], j))[: cfg.recall_clip]
+        acc_brute[lo:hi] += torch.exp(s - lse[:, None]).sum(0)
+        ranked = [
+            math.ldexp(round(m * 2**MASS_BITS) / 2**MASS_BITS, e)
+            for m, e in map(math.frexp, acc_brute.tolist())
+        ]
+        kept = sorted(range(lo, hi), key=lambda j: (-ranked[j], j))[: cfg.recall_clip]
         selected = {t for j in kept for t in range(j - 1, j + 2) if lo <= t < hi}
         expect = list(range(cfg.sink)) + sorted(selected) + list(range(n - cfg.local, n))
         all_s, all_i = [], []
