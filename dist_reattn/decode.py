@@ -38,7 +38,7 @@ from .config import ScopeConfig
 from .distributed import Comm
 from .exchange import Part
 from .profile import Profile
-from .select import Scope, Scoring, fuses_mass, retrieves, score_chunks, select_scope
+from .select import Scope, Scoring, fuses_mass, mass_candidates, retrieves, score_chunks, select_scope
 from .sliding import LayerStep, SlidingLayers
 
 if TYPE_CHECKING:
@@ -91,8 +91,6 @@ def static_reason(view: EngineView) -> str | None:
         return "parallel.decode=gather (the scope's K/V is assembled on every rank: the prefill's step)"
     if cfg.mode == "full":
         return "full mode attends over every token (a scope that grows each step)"
-    if fuses_mass(cfg, 1):
-        return f"scope.select={cfg.select} selects in the prefill's step (its fused mass is not in the static step yet)"
     if view.n + 1 <= cfg.sink + cfg.local:
         return f"the cache holds {view.n} tokens, inside sink + local = {cfg.sink + cfg.local}"
     return None
@@ -121,7 +119,8 @@ def select_attend(
     cfg: ScopeConfig,
     owner: tuple[int, int, int],
     heads: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """One decode token's scope, and its attention over the scope tokens this rank holds: fixed
     shapes, nothing read on the host.
 
@@ -134,15 +133,19 @@ def select_attend(
         cos, sin: ``[>= M, d]`` rotary tables for scope positions.
         owner: ``(rank, world, page)`` of the cache: each rank attends over the scope tokens it owns.
         heads: ``[H]`` bool, the layer's retrieval heads (``scope.heads``), or None.
+        shared: a scope ``(tokens, valid, positions)`` ``[M]`` to attend instead of selecting one
+            (``scope.select=mass_shared``'s second pass; ``candidates`` is then None).
 
     Returns:
         ``(out [H, d], lse [H])`` fp32, :func:`~dist_reattn.attention.partial_attention`'s partials
-        (with one rank, ``out`` is the attention output), and the scope's ``tokens``, ``valid`` ``[M]``.
+        (with one rank, ``out`` is the attention output), and the scope ``(tokens, valid, positions)``.
     """
     rank, world, page = owner
-    scope = select_scope(cfg, n, 1, 1, candidates, q.device, heads)
-    tokens, positions = scope.tokens[0], scope.positions[0]  # [M]; padding holds token 0, masked
-    valid = scope.valid[0] & (owner_of(tokens, page, world) == rank)
+    if shared is None:
+        scope = select_scope(cfg, n, 1, 1, candidates, q.device, heads)
+        shared = scope.tokens[0], scope.valid[0], scope.positions[0]
+    tokens, chosen, positions = shared  # [M]; padding holds token 0, masked
+    valid = chosen & (owner_of(tokens, page, world) == rank)
     rows = to_local(tokens, page, world).clamp(max=cache_k.shape[0] - 1)  # (another rank's: masked)
     p = positions[-1:]  # [1]: the query is the scope's last token
     out, lse = partial_attention(
@@ -156,7 +159,7 @@ def select_attend(
         scaling,
         valid,
     )
-    return out, lse, scope.tokens[0], scope.valid[0]
+    return out, lse, shared
 
 
 @functools.cache
@@ -178,6 +181,10 @@ class StaticStep(LayerStep):
     the first step. Under tensor parallelism (eagerly only) the step all-gathers every head's q, k,
     v first, as the prefill step does, and returns this rank's query heads.
 
+    ``scope.select=mass`` and ``mass_shared`` select by the fused attention mass
+    (:func:`~dist_reattn.select.mass_candidates` at a device end, over every row of the cache);
+    ``mass_shared`` runs the model twice per token (:meth:`forward`), as the prefill's step does.
+
     Args:
         view: the engine (:func:`static_reason` None).
         pos: ``[1]`` int64 on the engine's device; the caller advances it between steps.
@@ -192,6 +199,30 @@ class StaticStep(LayerStep):
         self.m = cfg.sink + (cfg.recall_clip * cfg.span if retrieves(cfg) else 0) + cfg.local
         view.rope_table(self.m)  # grown before any capture: the table is read, never reallocated
         self.tail = _fused() if (pos.is_cuda if compile is None else compile) else select_attend
+        self.mass: torch.Tensor | None = None  # the fused mass of this token's earlier layers
+        self.shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the 2nd pass's scope
+        self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the last layer's scope
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The model over the one token ``ids [1]`` at ``pos``; its logits ``[vocab]``.
+
+        ``scope.select=mass_shared``: a first pass in which layer ``l`` attends the keys of largest
+        mass of layers ``0..l``, then a second in which every layer attends the first pass's last
+        retrieving layer's scope; the token's K/V are written again at the same rows and the
+        sliding layers' windows are put back in between (every shape fixed: a CUDA graph holds both).
+        """
+        model, cfg = self.view.model, self.view.scope
+        if not (cfg.select == "mass_shared" and fuses_mass(cfg, 1)):
+            return model.forward(ids, self)
+        saved = self.sliding.state() if self.sliding is not None else None
+        model.forward(ids, self)
+        if saved is not None:
+            self.sliding.restore(saved)
+        self.shared = self.last
+        try:
+            return model.forward(ids, self)
+        finally:
+            self.shared = None
 
     def attend_cached(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
         """Appends the token's K/V, selects its scope and attends.
@@ -212,18 +243,24 @@ class StaticStep(LayerStep):
             view.window.append_at(layer, self.pos, kt, vt)
         n = self.pos + 1  # [1] tokens in the cache, this one included
         candidates = None
-        if retrieves(cfg):  # the Triton kernel reads its end row on the device
+        if retrieves(cfg) and self.shared is None:  # the Triton kernel reads its end row on the device
             with prof.phase("scoring"):
-                q_all = q.transpose(0, 1)[None]  # [B = 1, c = 1, H, d]
-                scores, index = score_chunks(q_all, cache, layer, n, cfg, view.scoring)  # [1, 1, H, k]
+                if fuses_mass(cfg, 1):  # [1, 1, 1, recall_clip]; the earlier layers' mass in self.mass
+                    acc = None if layer == 0 else self.mass
+                    scores, index, self.mass = mass_candidates(q[:, 0], cache, layer, n, cfg, comm, acc)
+                else:
+                    q_all = q.transpose(0, 1)[None]  # [B = 1, c = 1, H, d]
+                    scores, index = score_chunks(q_all, cache, layer, n, cfg, view.scoring)  # [1, 1, H, k]
             candidates = exchange.route_candidates(comm, None, scores, index)  # [P, 1, 1, H, k]
         with prof.phase("attention"):
             cos, sin = view.rope_table(self.m)
             owner = (cache.rank, cache.world, cache.page)
             args = (q[:, 0], candidates, n, cache.k[layer], cache.v[layer], cos, sin, scaling, cfg, owner)
-            out, lse, tokens, valid = self.tail(*args, view.heads[layer])
+            out, lse, scope = self.tail(*args, view.heads[layer], self.shared)
+        if retrieves(cfg):
+            self.last = scope
         if view.record is not None:
-            view.record(layer, int(n), Scope(tokens, valid), True)
+            view.record(layer, int(n), Scope(*scope[:2]), True)
         out = exchange.merge_across(comm, out, lse)  # [H, d]
         return out[view.q_heads].to(q.dtype)[None]
 
@@ -307,7 +344,7 @@ class GreedyDecoder:
 
     def _body(self) -> None:
         """One token: the model over ``ids`` at ``pos``, its argmax into ``ids`` and ``out``."""
-        logits = self.view.model.forward(self.ids, self.step)  # [vocab]
+        logits = self.step.forward(self.ids)  # [vocab]
         token = logits.argmax().view(1)
         self.ids.copy_(token)
         self.out.index_copy_(0, self.count, token)

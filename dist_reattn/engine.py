@@ -491,7 +491,7 @@ class Engine:
         self._check_room(1)
         self.profile.begin(stage)
         step = StaticStep(view, torch.tensor([self.n], device=self.model.device))
-        logits = self.model.forward(torch.tensor([token]), step)
+        logits = step.forward(torch.tensor([token]))
         self.profile.end(1)
         self.n = self.window.n = self.n + 1
         return logits

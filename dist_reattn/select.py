@@ -217,7 +217,7 @@ def mass_candidates(
     q: torch.Tensor,
     cache: KVCache,
     layer: int,
-    end: int,
+    end: int | torch.Tensor,
     cfg: ScopeConfig,
     comm,
     acc: torch.Tensor | None,
@@ -230,39 +230,51 @@ def mass_candidates(
     of layers ``0..l``: the selection probe (``probe_fused``, ``psum_upto``) ranks the answer there
     within the top ~20 keys on prose where every single head ranks it in the hundreds.
 
+    Every shape is fixed: the mass runs over all ``local_capacity`` rows of this rank's cache, the
+    rows outside the middle ``[sink, end - local)`` masked, so the static decode step (a device
+    ``end``, a CUDA graph) and the prefill's one-token step (a host ``end``) compute the same values
+    the same way. A step of one token reads ``local_capacity`` keys per layer where the paper's kernel
+    reads the ``end`` it holds: the same at a full cache.
+
     Args:
         q: ``[H, d]`` the one query token's un-rotated queries, every head.
-        end: tokens in the cache including the token (a host int: the mass selections run through the
-            prefill's step, never the static decode step, ``decode.static_reason``).
-        acc: this rank's mass of the step's earlier layers ``[rows]`` (None at the first layer).
+        end: tokens in the cache including the token: an int, or ``[1]`` on the cache's device.
+        acc: this rank's mass of the step's earlier layers ``[local_capacity]`` (None at the first layer).
 
     Returns:
         ``(scores, index, acc)``: ``[1, 1, 1, recall_clip]`` fused masses rounded to
-            :data:`MASS_BITS` mantissa bits (fp32, ``-inf`` padding)
-        and global token indices (``-1`` padding), best first, ties to the lower index; and the new
-        ``acc`` (rows ``[lo, hi)`` of this rank's middle).
+        :data:`MASS_BITS` mantissa bits (fp32, ``-inf`` padding) and global token indices (``-1``
+        padding), best first, ties to the lower index; and the new ``acc``.
     """
-    lo, hi = cache.local_rows(cfg.sink, end - cfg.local)
-    keys = cache.score_k[layer, lo:hi].float()  # [N, Hkv, d]
+    keys = cache.score_k[layer].float()  # [rows, Hkv, d]
+    rows = keys.shape[0]
+    token = cache.to_global(torch.arange(rows, device=keys.device))
+    middle = (token >= cfg.sink) & (token < end - cfg.local)  # [rows]
     H, d = q.shape
-    s = (
-        torch.einsum("hgd,nhd->hgn", q.float().unflatten(0, (keys.shape[1], -1)), keys).flatten(0, 1)
-        * d**-0.5
-    )
-    lse = torch.logsumexp(s, dim=1) if s.shape[1] else s.new_full((H,), float("-inf"))  # [H]
+    s = torch.einsum("hgd,nhd->hgn", q.float().unflatten(0, (keys.shape[1], -1)), keys).flatten(0, 1)
+    s = torch.where(middle, s * d**-0.5, float("-inf"))  # (rows past the end hold anything, NaN too)
+    lse = torch.logsumexp(s, dim=1)  # [H]; -inf for an empty middle
     if comm.world > 1:
         lse = torch.logsumexp(comm.all_gather(lse, "mass_lse"), dim=0)
-    mass = torch.exp(s - lse[:, None]).nan_to_num_(0.0).sum(0)  # [N]
+    mass = torch.exp(s - lse[:, None]).nan_to_num_(0.0).sum(0)  # [rows]
     acc = mass if acc is None else acc + mass
     m, e = torch.frexp(acc)  # acc = m * 2^e, m in [0.5, 1): keep MASS_BITS bits of m
     ranked = torch.ldexp(torch.round(m * 2.0**MASS_BITS) / 2.0**MASS_BITS, e)
-    scores, order = ranked.sort(descending=True, stable=True)  # ties: the lower row, the lower token
-    scores, order = scores[: cfg.recall_clip], order[: cfg.recall_clip]
-    index = torch.where(scores > float("-inf"), cache.to_global(order + lo), -1)
-    pad = cfg.recall_clip - scores.shape[0]
-    if pad:
-        scores = torch.cat([scores, scores.new_full((pad,), float("-inf"))])
-        index = torch.cat([index, index.new_full((pad,), -1)])
+    # One fp64 key per row that orders by the ranked mass, then the lower row (the lower token), so
+    # a top-k (no sort of every row) is exact with ties: a positive mass of MASS_BITS bits times
+    # (1 - row * 2^-40) is exact in fp64 and moves by less than half its gap to the next mass
+    # (rows < 2^24); a mass of 0 ranks after every positive one, by row; outside the middle: -inf.
+    assert rows < 2**24, f"{rows} rows of a rank's cache: the fused mass's ranking key holds < 2^24"
+    r = torch.arange(rows, device=keys.device, dtype=torch.float64)
+    key = torch.where(ranked > 0, ranked.double() * (1 - r * 2.0**-40), -(r + 1) * 2.0**-200)
+    key = torch.where(middle, key, float("-inf"))
+    k = min(cfg.recall_clip, rows)
+    top, order = key.topk(k)
+    scores = torch.where(top > float("-inf"), ranked[order], float("-inf"))
+    index = torch.where(top > float("-inf"), token[order], -1)
+    if k < cfg.recall_clip:
+        scores = torch.cat([scores, scores.new_full((cfg.recall_clip - k,), float("-inf"))])
+        index = torch.cat([index, index.new_full((cfg.recall_clip - k,), -1)])
     return scores[None, None, None], index[None, None, None], acc
 
 

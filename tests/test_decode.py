@@ -59,10 +59,12 @@ def engines(model, mode, capacity=N + 64, select="paper", heads=""):
     return plain, Engine(model, copy.copy(cfg), capacity, graph=False)
 
 
-@pytest.mark.parametrize("mode", ["reattention", "streaming"])
-def test_static_step_logits_equal_the_prefill_step(model, mode):
+@pytest.mark.parametrize(
+    "mode,select", [("reattention", "paper"), ("streaming", "paper"), ("reattention", "mass_shared")]
+)
+def test_static_step_logits_equal_the_prefill_step(model, mode, select):
     # Step by step, same tokens fed to both: every decode step's logits (fp32) agree to rounding.
-    plain, static = engines(model, mode)
+    plain, static = engines(model, mode, select=select)
     with torch.no_grad():
         a, b = plain.prefill(IDS), static.prefill(IDS)
         torch.testing.assert_close(a, b, atol=0, rtol=0)
@@ -77,7 +79,14 @@ def test_static_step_logits_equal_the_prefill_step(model, mode):
 
 @pytest.mark.parametrize(
     "mode,select",
-    [("reattention", "paper"), ("streaming", "paper"), ("reattention", "qkv"), ("reattention", "qk_pe")],
+    [
+        ("reattention", "paper"),
+        ("streaming", "paper"),
+        ("reattention", "qkv"),
+        ("reattention", "qk_pe"),
+        ("reattention", "mass"),
+        ("reattention", "mass_shared"),
+    ],
 )
 def test_greedy_decoder_tokens_equal_the_plain_path(model64, mode, select):
     # Every selection goes through the same score_chunks / select_scope seam in both steps.
@@ -137,11 +146,14 @@ def test_reasons_name_what_keeps_the_prefill_step(model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graph capture)")
 @pytest.mark.parametrize("arch", DECODE_ARCHS)
-@pytest.mark.parametrize("mode", ["reattention", "streaming"])
-def test_cuda_graph_tokens_equal_the_plain_path(arch, mode):
+@pytest.mark.parametrize(
+    "mode,select", [("reattention", "paper"), ("streaming", "paper"), ("reattention", "mass_shared")]
+)
+def test_cuda_graph_tokens_equal_the_plain_path(arch, mode, select):
     # The captured graph against the prefill's step on the GPU, fp32 weights, 60 tokens: same tokens.
+    # (mass_shared: both passes of every token in the graph.)
     m = ReAttnModel(tiny_model(arch, layers=2).cuda())
-    cfg = ScopeConfig(mode=mode, **SCOPE)
+    cfg = ScopeConfig(mode=mode, select=select, **SCOPE)
     plain = Engine(m, copy.copy(cfg), N + 80, decode="gather", graph=False).generate(IDS, 60)
     graphed = Engine(m, copy.copy(cfg), N + 80, graph=True).generate(IDS, 60)
     assert graphed.decode_graph and graphed.tokens == plain.tokens

@@ -237,10 +237,12 @@ class _Gathered:
 
 @pytest.mark.parametrize("world,page", [(1, 1), (2, 3), (3, 2)])
 @pytest.mark.parametrize("integer_keys", [False, True])
-def test_mass_selection_matches_brute_force(world, page, integer_keys):
+@pytest.mark.parametrize("device_end", [False, True])
+def test_mass_selection_matches_brute_force(world, page, integer_keys, device_end):
     """``scope.select=mass``: layer l keeps the recall_clip keys of largest softmax mass summed over
     the heads and the layers 0..l, ranked at MASS_BITS mantissa bits (ties: lower index), each
-    widened by the span."""
+    widened by the span; with the end a host int (the prefill's step) or a ``[1]`` tensor (the
+    static decode step), over a cache with spare rows past the end that hold NaN."""
     from dist_reattn.select import MASS_BITS, mass_candidates
 
     gen = torch.Generator().manual_seed(world * 7 + page + integer_keys)
@@ -254,10 +256,12 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys):
     lo, hi = cfg.sink, n - cfg.local
     caches = []
     for rank in range(world):
-        cache = KVCache(L, Hkv, d, n, k.dtype, k.device, rank, world, page)
+        cache = KVCache(L, Hkv, d, n + 13, k.dtype, k.device, rank, world, page)
+        cache.k.fill_(float("nan"))  # rows of no token yet: masked, whatever they hold
         for layer in range(L):
             cache.append(layer, 0, k[layer], k[layer])
         caches.append(cache)
+    end = torch.tensor([n]) if device_end else n
     acc_brute = torch.zeros(n)
     accs = [None] * world
     for layer in range(L):
@@ -274,10 +278,10 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys):
         all_s, all_i = [], []
         for rank, cache in enumerate(caches):
             comm = _Gathered(world, lse[None])  # logsumexp over one row: the global value itself
-            sc, ix, accs[rank] = mass_candidates(q[layer], cache, layer, n, cfg, comm, accs[rank])
+            sc, ix, accs[rank] = mass_candidates(q[layer], cache, layer, end, cfg, comm, accs[rank])
             all_s.append(sc)
             all_i.append(ix)
-        scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), n, cfg)
+        scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), end, cfg)
         assert scope.row(0).selected().tolist() == expect, layer
     assert expect != brute_force_scope(q[1][None], k[1], n, cfg)  # not the paper's selection here
 
