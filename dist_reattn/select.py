@@ -246,12 +246,12 @@ def mass_candidates(
         :data:`MASS_BITS` mantissa bits (fp32, ``-inf`` padding) and global token indices (``-1``
         padding), best first, ties to the lower index; and the new ``acc``.
     """
-    keys = cache.score_k[layer].float()  # [rows, Hkv, d]
+    keys = cache.score_k[layer]  # [rows, Hkv, d]
     rows = keys.shape[0]
     token = cache.to_global(torch.arange(rows, device=keys.device))
     middle = (token >= cfg.sink) & (token < end - cfg.local)  # [rows]
     H, d = q.shape
-    s = torch.einsum("hgd,nhd->hgn", q.float().unflatten(0, (keys.shape[1], -1)), keys).flatten(0, 1)
+    s = _scores_fp32(q.unflatten(0, (keys.shape[1], -1)), keys).flatten(0, 1)  # [H, rows]
     s = torch.where(middle, s * d**-0.5, float("-inf"))  # (rows past the end hold anything, NaN too)
     lse = torch.logsumexp(s, dim=1)  # [H]; -inf for an empty middle
     if comm.world > 1:
@@ -276,6 +276,18 @@ def mass_candidates(
         scores = torch.cat([scores, scores.new_full((cfg.recall_clip - k,), float("-inf"))])
         index = torch.cat([index, index.new_full((cfg.recall_clip - k,), -1)])
     return scores[None, None, None], index[None, None, None], acc
+
+
+def _scores_fp32(q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``q . k`` in fp32 of queries ``[Hkv, g, d]`` against keys ``[rows, Hkv, d]``: ``[Hkv, g, rows]``.
+
+    On a GPU, half-precision keys go to cuBLAS as they are, with an fp32 result (products of two
+    bf16 values are exact in fp32, the sum fp32): no fp32 copy of the cache is written and read.
+    Elsewhere both sides are converted to fp32 first.
+    """
+    if keys.is_cuda and keys.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(q.to(keys.dtype), keys.permute(1, 2, 0), out_dtype=torch.float32)
+    return torch.einsum("hgd,nhd->hgn", q.float(), keys.float())
 
 
 def merge_candidates(

@@ -81,14 +81,17 @@ def token_bytes(engine: Engine, n: int, weight_bytes: int) -> int:
     middle keys (scored) and of the scope's keys and values, each counted as 1/P rounded up plus one
     page (the most any rank holds of the middle, one run of striped pages; the scope's several runs
     can put up to a page per run more on one rank, which this count leaves out), every weight (each
-    rank runs the whole model)."""
+    rank runs the whole model). ``scope.select=mass`` / ``mass_shared`` score every row of the
+    rank's cache (``mass_candidates``); ``mass_shared`` reads the scope and the weights twice."""
     cfg, c = engine.scope, engine.cache
-    layers, _, hkv, d = c.k.shape
+    layers, rows, hkv, d = c.k.shape
     row = hkv * d * c.k.element_size()  # one token's K (or V) of one layer
     middle = max(n - cfg.sink - cfg.local, 0) if cfg.mode == "reattention" and cfg.topk else 0
     scope = cfg.max_scope() if cfg.mode == "reattention" else cfg.sink + cfg.local
     share = lambda m: min(m, -(-m // c.world) + c.page)  # noqa: E731
-    return layers * row * (share(middle) + 2 * share(scope)) + weight_bytes
+    scored = rows if middle and cfg.select in ("mass", "mass_shared") else share(middle)
+    passes = 2 if middle and cfg.select == "mass_shared" else 1
+    return layers * row * (scored + passes * 2 * share(scope)) + passes * weight_bytes
 
 
 def fill_cache(engine: Engine, n: int, seed: int) -> None:

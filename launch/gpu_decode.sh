@@ -7,7 +7,8 @@
 # with random weights, 128K and 512K), niah1m (SmolLM2 NIAH at 1M, depth 0.5, 32 new tokens:
 # decode_ms_per_token and decode_warmup_s of a real run); on two GPUs: smol4m-p2 (bench_decode,
 # SmolLM2 4M), llama512k-p2 (bench_decode, Llama shape 512K), niah4m-p2 (SmolLM2 NIAH at 4M, depths
-# from DEPTHS, default 0.5, 32 new tokens).
+# from DEPTHS, default 0.5, 32 new tokens); mass (bench_decode, SmolLM2 128K and 1M, scope.select=paper
+# then mass_shared: both passes of a token in the graph against the paper's one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=$1
@@ -37,6 +38,12 @@ for stage in "$@"; do
     niah1m)
       step niah-smol-1M python3 launch/niah.py --model smollm2-135m --len 1M --depths 0.5 --mode reattention \
         --max-new-tokens 32 --out "$out/niah-smol-1M"
+      ;;
+    mass)
+      for sel in paper mass_shared; do
+        step "bench-smol-$sel" python3 launch/bench_decode.py --model smollm2-135m --len 128K,1M --tokens 32 \
+          --same-tokens 128 --no-hf --scope.select=$sel --out "$out/bench-smol-$sel"
+      done
       ;;
     smol4m-p2)
       step bench-smol-4M-p2 "${two[@]}" launch/bench_decode.py --model smollm2-135m --len 4M --tokens 64 \

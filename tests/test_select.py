@@ -286,6 +286,35 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys, device_en
     assert expect != brute_force_scope(q[1][None], k[1], n, cfg)  # not the paper's selection here
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 keys to cuBLAS, fp32 out)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_mass_of_half_keys_on_a_gpu_equals_their_fp32_copy(dtype):
+    """On a GPU ``mass_candidates`` scores half-precision keys with an fp32 cuBLAS result (no fp32
+    copy of the cache): with integer keys and queries every dot product is exact either way, so the
+    masses, their ranking (exact ties included) and the accumulated mass equal those of an fp32
+    cache holding the same keys, bit for bit, over two layers, at a host and a device end."""
+    from dist_reattn.select import mass_candidates
+
+    gen = torch.Generator().manual_seed(5)
+    L, H, Hkv, d, n = 2, 8, 2, 64, 3000
+    cfg = ScopeConfig(sink=4, local=64, chunk=16, topk=2, span=4, recall_clip=31, select="mass")
+    q = torch.randint(-2, 3, (L, H, d), generator=gen).float().cuda()
+    k = torch.randint(-2, 3, (L, n, Hkv, d), generator=gen).float().cuda()
+    for end in (n, torch.tensor([n], device="cuda")):
+        got, want = [], []
+        for keys, out in ((k.to(dtype), got), (k, want)):
+            cache = KVCache(L, Hkv, d, n + 100, keys.dtype, keys.device)
+            acc = None
+            for layer in range(L):
+                cache.append(layer, 0, keys[layer], keys[layer])
+                sc, ix, acc = mass_candidates(
+                    q[layer].to(keys.dtype), cache, layer, end, cfg, _Gathered(1, None), acc
+                )
+                out.append((sc, ix, acc))
+        for (s1, i1, a1), (s2, i2, a2) in zip(got, want, strict=True):
+            assert torch.equal(i1, i2) and torch.equal(s1, s2) and torch.equal(a1, a2)
+
+
 @pytest.mark.parametrize("sink, local, chunk", [(4, 32, 16), (32, 4096, 512), (3, 20, 7)])
 def test_fp8_sample_rows_against_brute_force(sink, local, chunk):
     # scope.scoring=fp8's agreement sample: query tokens t with (t - t0) % (16 * chunk) < 8, t0 the
