@@ -70,6 +70,11 @@ class ScopeConfig:
     votes; :func:`~dist_reattn.select.mass_candidates`); longer steps select as ``paper``.
     ``mass_shared``: as ``mass``, then the token runs a second time with every layer attending the
     scope of the last retrieving layer (the mass of all layers): twice the cost of a one-token step."""
+    distinct: bool = False
+    """With ``select=mass`` or ``mass_shared``: at most one hit per block of ``span`` middle tokens
+    (blocks from ``sink`` on), the block's key of largest mass, so the ``recall_clip`` hits fall in
+    as many separate places instead of crowding one needle (the paper's tile-max kernel takes one
+    winner per 128-key tile in the same spirit)."""
     heads: str = ""
     """A JSON file naming the retrieval heads per retrieving layer (made from the selection probe:
     ``python -m dist_reattn.report.selection_report ... --heads-out FILE``): their top-k picks
@@ -102,6 +107,11 @@ class ScopeConfig:
         if self.select not in SELECTIONS:
             raise ConfigError(
                 f"scope.select={self.select!r} is not one of {', '.join(SELECTIONS)} (paper: the paper's selection)"
+            )
+        if self.distinct and self.select not in ("mass", "mass_shared"):
+            raise ConfigError(
+                f"scope.distinct=true keeps one hit per span of the middle by fused mass: it needs "
+                f"--scope.select=mass or mass_shared, not {self.select!r}"
             )
         for name in ("sink", "topk", "recall_clip"):
             if getattr(self, name) < 0:

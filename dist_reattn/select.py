@@ -268,6 +268,11 @@ def mass_candidates(
     r = torch.arange(rows, device=keys.device, dtype=torch.float64)
     key = torch.where(ranked > 0, ranked.double() * (1 - r * 2.0**-40), -(r + 1) * 2.0**-200)
     key = torch.where(middle, key, float("-inf"))
+    if cfg.distinct:  # only each block's best row of this rank competes (keys are distinct per row)
+        block = torch.where(middle, (token - cfg.sink) // cfg.span, 0)
+        blocks = (rows // cache.page + 1) * cache.world * cache.page // cfg.span + 1  # > any block
+        best = key.new_full((blocks,), float("-inf")).scatter_reduce_(0, block, key, "amax")
+        key = torch.where(key == best[block], key, float("-inf"))
     k = min(cfg.recall_clip, rows)
     top, order = key.topk(k)
     scores = torch.where(top > float("-inf"), ranked[order], float("-inf"))
@@ -461,6 +466,8 @@ def select_from_candidates(
         The scope(s), ``sink + recall_clip * span + local`` entries each whatever the data.
     """
     if fuses_mass(cfg, index.shape[-3]):  # the fused masses of every rank: the best recall_clip keys
+        if cfg.distinct and scores.shape[0] > 1:  # one hit per block: each rank sent its blocks' best
+            scores, index = _best_per_block(scores, index, cfg)
         kept = merge_candidates(scores, index, cfg.recall_clip)[1][..., 0, 0, :]  # [..., recall_clip]
         valid = kept >= 0
     else:
@@ -468,6 +475,25 @@ def select_from_candidates(
         kept, valid = vote(s, i, cfg.recall_clip, heads)
     selected, valid = widen(kept, valid, cfg.span, cfg.sink, n - cfg.local)
     return scope_of(n, cfg, selected, valid)
+
+
+def _best_per_block(
+    scores: torch.Tensor, index: torch.Tensor, cfg: ScopeConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's mass candidates ``[P, ..., 1, 1, R]`` with all but the best of each block of
+    ``span`` middle tokens (by score, then the lower index) set to padding; the shapes unchanged.
+
+    A block whose tokens several ranks hold comes from each of them with that rank's best key; the
+    global top ``R`` blocks are each in their winner's local top ``R`` (its other blocks above it
+    there are above it globally too), so this merge is exact."""
+    P, R = scores.shape[0], scores.shape[-1]
+    s, i = sort_topk(scores.movedim(0, -2).flatten(-2), index.movedim(0, -2).flatten(-2), P * R)
+    block = torch.where(i >= 0, (i - cfg.sink) // cfg.span, -1)  # [..., P * R], best first
+    earlier = torch.ones(P * R, P * R, dtype=torch.bool, device=i.device).tril(-1)  # [a, b]: b before a
+    repeat = ((block[..., :, None] == block[..., None, :]) & earlier).any(-1) & (i >= 0)
+    s = torch.where(repeat, float("-inf"), s)
+    i = torch.where(repeat, -1, i)
+    return s[None], i[None]  # one "rank" holding every candidate: [1, ..., 1, 1, P * R]
 
 
 def retrieves(cfg: ScopeConfig) -> bool:

@@ -49,6 +49,7 @@ def test_presets_and_overrides():
             r"row: use --scope.fp8_margin <= 12 \(or --scope.scoring=exact\)",
         ),
         ("scope.scoring=fp8 --scope.topk=20", r"use --scope.topk <= 16"),
+        ("scope.distinct=true", r"it needs --scope.select=mass or mass_shared, not 'paper'"),
     ],
 )
 def test_bad_overrides(override, message):

@@ -237,22 +237,30 @@ class _Gathered:
 
 @pytest.mark.parametrize("world,page", [(1, 1), (2, 3), (3, 2)])
 @pytest.mark.parametrize("integer_keys", [False, True])
-@pytest.mark.parametrize("device_end", [False, True])
-def test_mass_selection_matches_brute_force(world, page, integer_keys, device_end):
+@pytest.mark.parametrize("device_end,distinct", [(False, False), (True, False), (False, True), (True, True)])
+def test_mass_selection_matches_brute_force(world, page, integer_keys, device_end, distinct):
     """``scope.select=mass``: layer l keeps the recall_clip keys of largest softmax mass summed over
     the heads and the layers 0..l, ranked at MASS_BITS mantissa bits (ties: lower index), each
     widened by the span; with the end a host int (the prefill's step) or a ``[1]`` tensor (the
-    static decode step), over a cache with spare rows past the end that hold NaN."""
+    static decode step), over a cache with spare rows past the end that hold NaN. ``distinct``:
+    only the best key of each block of ``span`` middle tokens (from the sink on) competes; with
+    several ranks a block's tokens lie on several ranks (pages shorter than the span)."""
     from dist_reattn.select import MASS_BITS, mass_candidates
 
     gen = torch.Generator().manual_seed(world * 7 + page + integer_keys)
     L, H, Hkv, d, n = 2, 4, 2, 8, 120
-    cfg = ScopeConfig(sink=3, local=20, chunk=4, topk=2, span=3, recall_clip=5, select="mass")
+    cfg = ScopeConfig(
+        sink=3, local=20, chunk=4, topk=2, span=3, recall_clip=12, select="mass", distinct=distinct
+    )
     if integer_keys:  # exact ties in the masses: the lower index must win
         q = torch.randint(-1, 2, (L, H, d), generator=gen).float()
         k = torch.randint(-1, 2, (L, n, Hkv, d), generator=gen).float()
     else:
         q, k = torch.randn(L, H, d, generator=gen), torch.randn(L, n, Hkv, d, generator=gen)
+    # Two keys of one block (tokens 40, 41: block (40 - sink) // span = 12) aligned with the queries:
+    # both among the largest masses, so one hit per block must drop one of them.
+    aligned = q.unflatten(1, (Hkv, H // Hkv)).sum(2).sign()  # [L, Hkv, d], in -1..1 like integer keys
+    k[:, 40:42] = aligned[:, None] * (1 if integer_keys else 2)
     lo, hi = cfg.sink, n - cfg.local
     caches = []
     for rank in range(world):
@@ -264,6 +272,7 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys, device_en
     end = torch.tensor([n]) if device_end else n
     acc_brute = torch.zeros(n)
     accs = [None] * world
+    differs = []
     for layer in range(L):
         s = torch.einsum("hd,nhd->hn", q[layer], k[layer, lo:hi].repeat_interleave(H // Hkv, 1)) / d**0.5
         lse = torch.logsumexp(s, 1)  # [H]
@@ -272,7 +281,15 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys, device_en
             math.ldexp(round(m * 2**MASS_BITS) / 2**MASS_BITS, e)
             for m, e in map(math.frexp, acc_brute.tolist())
         ]
-        kept = sorted(range(lo, hi), key=lambda j: (-ranked[j], j))[: cfg.recall_clip]
+        order = sorted(range(lo, hi), key=lambda j: (-ranked[j], j))
+        if distinct:  # the first (best) key of each block, in the same order
+            firsts = {}
+            for j in order:
+                firsts.setdefault((j - cfg.sink) // cfg.span, j)
+            order = [j for j in order if firsts[(j - cfg.sink) // cfg.span] == j]
+        kept = order[: cfg.recall_clip]
+        crowded = sorted(range(lo, hi), key=lambda j: (-ranked[j], j))[: cfg.recall_clip]
+        differs.append(kept != crowded)
         selected = {t for j in kept for t in range(j - 1, j + 2) if lo <= t < hi}
         expect = list(range(cfg.sink)) + sorted(selected) + list(range(n - cfg.local, n))
         all_s, all_i = [], []
@@ -284,6 +301,7 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys, device_en
         scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), end, cfg)
         assert scope.row(0).selected().tolist() == expect, layer
     assert expect != brute_force_scope(q[1][None], k[1], n, cfg)  # not the paper's selection here
+    assert any(differs) == distinct  # one hit per block changed the hits
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 keys to cuBLAS, fp32 out)")
