@@ -17,7 +17,8 @@ import yaml
 MODES = ("reattention", "streaming", "full")
 # What the retrieval's top-k ranks the middle keys by (ScopeConfig.select; docs/DESIGN.md section 2).
 SCORINGS = ("paper", "qkv", "qkv2", "qk_pe")  # what a head's top-k ranks keys by
-SELECTIONS = (*SCORINGS, "mass", "mass_shared")
+MASS_SELECTIONS = ("mass", "mass_shared")  # one-token steps keep the keys of largest fused mass
+SELECTIONS = (*SCORINGS, *MASS_SELECTIONS)
 SCORE_NORMS = {"qkv": 1, "qkv2": 2}  # selections that score keys weighted by this norm of their value
 SCORES = ("exact", "fp8")  # how the top-k is computed (ScopeConfig.scoring)
 # Presets ship inside the package as dist_reattn/configs (pyproject.toml maps the top-level configs/
@@ -108,7 +109,7 @@ class ScopeConfig:
             raise ConfigError(
                 f"scope.select={self.select!r} is not one of {', '.join(SELECTIONS)} (paper: the paper's selection)"
             )
-        if self.distinct and self.select not in ("mass", "mass_shared"):
+        if self.distinct and self.select not in MASS_SELECTIONS:
             raise ConfigError(
                 f"scope.distinct=true keeps one hit per span of the middle by fused mass: it needs "
                 f"--scope.select=mass or mass_shared, not {self.select!r}"

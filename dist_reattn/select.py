@@ -15,7 +15,7 @@ import torch
 
 from .attention import apply_rope
 from .cache import KVCache
-from .config import ConfigError, ScopeConfig
+from .config import MASS_SELECTIONS, ConfigError, ScopeConfig
 from .kernels import (
     check_fp8,
     score_topk,
@@ -210,7 +210,7 @@ def fuses_mass(cfg: ScopeConfig, c: int) -> bool:
     """Whether a step of ``c`` query tokens selects by fused attention mass (``scope.select=mass`` or
     ``mass_shared``: steps of one token, the prompt's last and decode; longer steps select as the
     paper does)."""
-    return cfg.select in ("mass", "mass_shared") and c == 1 and retrieves(cfg)
+    return cfg.select in MASS_SELECTIONS and c == 1 and retrieves(cfg)
 
 
 def mass_candidates(
@@ -480,8 +480,9 @@ def select_from_candidates(
 def _best_per_block(
     scores: torch.Tensor, index: torch.Tensor, cfg: ScopeConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's mass candidates ``[P, ..., 1, 1, R]`` with all but the best of each block of
-    ``span`` middle tokens (by score, then the lower index) set to padding; the shapes unchanged.
+    """Every rank's mass candidates ``[P, ..., 1, 1, R]`` pooled as one rank's ``[1, ..., 1, 1, P * R]``,
+    best first, with all but the best of each block of ``span`` middle tokens (by score, then the
+    lower index) set to padding.
 
     A block whose tokens several ranks hold comes from each of them with that rank's best key; the
     global top ``R`` blocks are each in their winner's local top ``R`` (its other blocks above it

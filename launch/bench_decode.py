@@ -58,6 +58,7 @@ from dist_reattn.models.adapter import ReAttnModel
 from dist_reattn.models.load import load_model
 from dist_reattn.report.results import append_record
 from dist_reattn.runtime import prepare
+from dist_reattn.select import fuses_mass
 
 
 def copy_rate(nbytes: int = 2 << 30, reps: int = 20) -> float:
@@ -89,7 +90,7 @@ def token_bytes(engine: Engine, n: int, weight_bytes: int) -> int:
     middle = max(n - cfg.sink - cfg.local, 0) if cfg.mode == "reattention" and cfg.topk else 0
     scope = cfg.max_scope() if cfg.mode == "reattention" else cfg.sink + cfg.local
     share = lambda m: min(m, -(-m // c.world) + c.page)  # noqa: E731
-    scored = rows if middle and cfg.select in ("mass", "mass_shared") else share(middle)
+    scored = rows if middle and fuses_mass(cfg, 1) else share(middle)
     passes = 2 if middle and cfg.select == "mass_shared" else 1
     return layers * row * (scored + passes * 2 * share(scope)) + passes * weight_bytes
 

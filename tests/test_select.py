@@ -282,14 +282,12 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys, device_en
             for m, e in map(math.frexp, acc_brute.tolist())
         ]
         order = sorted(range(lo, hi), key=lambda j: (-ranked[j], j))
-        if distinct:  # the first (best) key of each block, in the same order
-            firsts = {}
-            for j in order:
-                firsts.setdefault((j - cfg.sink) // cfg.span, j)
-            order = [j for j in order if firsts[(j - cfg.sink) // cfg.span] == j]
-        kept = order[: cfg.recall_clip]
-        crowded = sorted(range(lo, hi), key=lambda j: (-ranked[j], j))[: cfg.recall_clip]
-        differs.append(kept != crowded)
+        firsts = {}  # each block's first (best) key
+        for j in order:
+            firsts.setdefault((j - cfg.sink) // cfg.span, j)
+        spread = [j for j in order if firsts[(j - cfg.sink) // cfg.span] == j]
+        kept = (spread if distinct else order)[: cfg.recall_clip]
+        differs.append(spread[: cfg.recall_clip] != order[: cfg.recall_clip])
         selected = {t for j in kept for t in range(j - 1, j + 2) if lo <= t < hi}
         expect = list(range(cfg.sink)) + sorted(selected) + list(range(n - cfg.local, n))
         all_s, all_i = [], []
@@ -301,7 +299,7 @@ def test_mass_selection_matches_brute_force(world, page, integer_keys, device_en
         scope = select_from_candidates(torch.stack(all_s), torch.stack(all_i), end, cfg)
         assert scope.row(0).selected().tolist() == expect, layer
     assert expect != brute_force_scope(q[1][None], k[1], n, cfg)  # not the paper's selection here
-    assert any(differs) == distinct  # one hit per block changed the hits
+    assert any(differs)  # the planted pair: one hit per block changes the hits
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 keys to cuBLAS, fp32 out)")
