@@ -87,11 +87,22 @@ def add_check_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def run_main(main: Callable[[], int]) -> int:
-    """Runs a launch script's ``main``; a ConfigError that escapes it becomes :func:`report`."""
+    """Runs a launch script's ``main``; a ConfigError that escapes it becomes :func:`report`.
+
+    A rank whose process group ``main`` destroyed ends here with ``main``'s status
+    (:func:`~dist_reattn.distributed.end_rank`): the interpreter's teardown after it once aborted
+    finished ranks.
+    """
+    from .distributed import end_rank, groups_destroyed
+
+    before = groups_destroyed()
     try:
-        return main()
+        code = main()
     except ConfigError as e:
-        return report(e)
+        code = report(e)
+    if groups_destroyed() > before:
+        end_rank(code)
+    return code
 
 
 def _nearest_existing(path: Path) -> Path:

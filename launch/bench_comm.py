@@ -36,6 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from dist_reattn.cli import run_main
 from dist_reattn.config import ConfigError, parse_count
 from dist_reattn.distributed import init_from_env, shutdown
 from dist_reattn.report.scaling_model import alpha_beta
@@ -217,4 +218,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -28,6 +28,12 @@
 #                                                 # is longer than span 32 reaches), 10 samples each, niah_single_2 at
 #                                                 # 1M (2); Gemma-3-270M mass_shared as in stage shared, and
 #                                                 # niah_single_3 at 32K with span 64 / clip 128, paper and mass_shared
+#   bash launch/gpu_select.sh OUT shared3         # the cells a default needs, mass_shared: SmolLM2 with span 64 / clip
+#                                                 # 63 (S64) on all four prose tasks at 32K and 128K and noise at
+#                                                 # 128K (3), span 32 on niah_multivalue at 32K, niah_single_2 at 1M
+#                                                 # (2); Gemma-3-270M on niah_single_2 at 32K and 128K, niah_single_3
+#                                                 # at 32K with span 64 / clip 128, niah_multikey_1 and
+#                                                 # niah_multivalue at 32K (5 each); 10 samples where not named
 # GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead, where the
 # package is not installed (the device machine, which has no network: launch/results/*/README.md);
 # GEMMA=none skips the Gemma-3-270M processes.
@@ -140,6 +146,24 @@ for s in "${stages[@]}"; do
         one shared2 "gemma-$sel-span64-niah_single_3-32K" "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none \
           --scope.select=$sel --scope.span=64 --scope.recall_clip=128
       done
+      ;;
+    shared3)
+      S64=(--scope.select=mass_shared --scope.span=64 --scope.recall_clip=63)
+      for n in 32K 128K; do
+        for t in ${PROSE//,/ }; do
+          one shared3 "smollm2-s64-$t-$n" --tasks $t --len $n --samples 10 --ceiling none "${S64[@]}"
+        done
+      done
+      one shared3 smollm2-s64-noise-128K --tasks niah_single_1 --len 128K --samples 3 --ceiling none "${S64[@]}"
+      one shared3 smollm2-mass_shared-niah_multivalue-32K --tasks niah_multivalue --len 32K --samples 10 --ceiling none --scope.select=mass_shared
+      one shared3 smollm2-mass_shared-1M --tasks niah_single_2 --len 1M --samples 2 --ceiling none --scope.select=mass_shared
+      for n in 32K 128K; do
+        one shared3 "gemma-mass_shared-$n" "${GEMMA[@]}" --tasks niah_single_2 --len $n --samples 10 --ceiling none --scope.select=mass_shared
+      done
+      one shared3 gemma-mass_shared-span64-niah_single_3-32K "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none \
+        --scope.select=mass_shared --scope.span=64 --scope.recall_clip=128
+      one shared3 gemma-mass_shared-mk1-mv-32K "${GEMMA[@]}" --tasks niah_multikey_1,niah_multivalue --len 32K --samples 5 --ceiling none \
+        --scope.select=mass_shared
       ;;
     *) echo "unknown stage $s" >&2 && continue ;;
   esac
