@@ -11,4 +11,4 @@ venv=.venv
 . "$venv/bin/activate"
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+python -m pytest -q --durations=20 "$@"
