@@ -28,12 +28,14 @@
 #                                                 # is longer than span 32 reaches), 10 samples each, niah_single_2 at
 #                                                 # 1M (2); Gemma-3-270M mass_shared as in stage shared, and
 #                                                 # niah_single_3 at 32K with span 64 / clip 128, paper and mass_shared
-#   bash launch/gpu_select.sh OUT shared3         # the cells a default needs, mass_shared: SmolLM2 with span 64 / clip
-#                                                 # 63 (S64) on all four prose tasks at 32K and 128K and noise at
-#                                                 # 128K (3), span 32 on niah_multivalue at 32K, niah_single_2 at 1M
-#                                                 # (2); Gemma-3-270M on niah_single_2 at 32K and 128K, niah_single_3
-#                                                 # at 32K with span 64 / clip 128, niah_multikey_1 and
-#                                                 # niah_multivalue at 32K (5 each); 10 samples where not named
+#   bash launch/gpu_select.sh OUT shared3         # the cells a default needs, mass_shared with span 64 and one hit per
+#                                                 # block (distinct; clip 63 for SmolLM2, 128 for Gemma: the budget of
+#                                                 # span 32): SmolLM2 on the four prose tasks at 32K and 128K, noise
+#                                                 # at 128K (3), niah_single_2 at 1M (2); beside it on
+#                                                 # niah_multivalue at 32K, span 64 without distinct and span 32;
+#                                                 # Gemma-3-270M on niah_single_2 at 32K and 128K, niah_single_3 at
+#                                                 # 32K, niah_multikey_1 and niah_multivalue at 32K (5 each);
+#                                                 # 10 samples where not named
 # GEMMA (default gemma3-270m, the bundled package) may name the .gguf file instead, where the
 # package is not installed (the device machine, which has no network: launch/results/*/README.md);
 # GEMMA=none skips the Gemma-3-270M processes.
@@ -148,22 +150,21 @@ for s in "${stages[@]}"; do
       done
       ;;
     shared3)
-      S64=(--scope.select=mass_shared --scope.span=64 --scope.recall_clip=63)
+      S64D=(--scope.select=mass_shared --scope.span=64 --scope.recall_clip=63 --scope.distinct=true)
+      G64D=(--scope.select=mass_shared --scope.span=64 --scope.recall_clip=128 --scope.distinct=true)
       for n in 32K 128K; do
         for t in ${PROSE//,/ }; do
-          one shared3 "smollm2-s64-$t-$n" --tasks $t --len $n --samples 10 --ceiling none "${S64[@]}"
+          one shared3 "smollm2-s64d-$t-$n" --tasks $t --len $n --samples 10 --ceiling none "${S64D[@]}"
         done
+        one shared3 "gemma-s64d-$n" "${GEMMA[@]}" --tasks niah_single_2 --len $n --samples 10 --ceiling none "${G64D[@]}"
       done
-      one shared3 smollm2-s64-noise-128K --tasks niah_single_1 --len 128K --samples 3 --ceiling none "${S64[@]}"
+      one shared3 smollm2-s64d-noise-128K --tasks niah_single_1 --len 128K --samples 3 --ceiling none "${S64D[@]}"
+      one shared3 smollm2-s64d-1M --tasks niah_single_2 --len 1M --samples 2 --ceiling none "${S64D[@]}"
+      one shared3 smollm2-s64-niah_multivalue-32K --tasks niah_multivalue --len 32K --samples 10 --ceiling none \
+        --scope.select=mass_shared --scope.span=64 --scope.recall_clip=63
       one shared3 smollm2-mass_shared-niah_multivalue-32K --tasks niah_multivalue --len 32K --samples 10 --ceiling none --scope.select=mass_shared
-      one shared3 smollm2-mass_shared-1M --tasks niah_single_2 --len 1M --samples 2 --ceiling none --scope.select=mass_shared
-      for n in 32K 128K; do
-        one shared3 "gemma-mass_shared-$n" "${GEMMA[@]}" --tasks niah_single_2 --len $n --samples 10 --ceiling none --scope.select=mass_shared
-      done
-      one shared3 gemma-mass_shared-span64-niah_single_3-32K "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none \
-        --scope.select=mass_shared --scope.span=64 --scope.recall_clip=128
-      one shared3 gemma-mass_shared-mk1-mv-32K "${GEMMA[@]}" --tasks niah_multikey_1,niah_multivalue --len 32K --samples 5 --ceiling none \
-        --scope.select=mass_shared
+      one shared3 gemma-s64d-niah_single_3-32K "${GEMMA[@]}" --tasks niah_single_3 --len 32K --samples 10 --ceiling none "${G64D[@]}"
+      one shared3 gemma-s64d-mk1-mv-32K "${GEMMA[@]}" --tasks niah_multikey_1,niah_multivalue --len 32K --samples 5 --ceiling none "${G64D[@]}"
       ;;
     *) echo "unknown stage $s" >&2 && continue ;;
   esac
