@@ -42,6 +42,7 @@ for s in "$@"; do
       timeout "$(left)" python3 -m pytest -q tests/test_kernel_fp8.py tests/test_engine_fp8.py 2>&1 | tee "$out/tests/log.txt" | tail -n 5
       ;;
     bench)
+      mkdir -p "$out"
       timeout "$(left)" python3 launch/bench_fp8.py --out "$out/bench" --c 512 2048 --agree-margins 4 \
         --fp8-config PIPE=1 --fp8-config GATE=1 --fp8-config PIPE=1,GATE=1 --fp8-config FLOOR=1 2>&1 |
         tee "$out/bench.txt" | grep '^|'

@@ -118,3 +118,22 @@ def test_heatmap_written(tmp_path):
     plot_heatmap(_records(), path)
     data = path.read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 5000
+
+
+def test_variants_table_keeps_runs_of_one_selection_at_other_spans_apart():
+    """Runs of ``mass_shared`` at two spans on the same task and length are two rows, each averaging
+    its own samples; a setting every record shares adds nothing to the label."""
+    from dist_reattn.report.selection_report import variants_table
+
+    def run(span, clip, distinct, recall, score):
+        return {"mode": "reattention", "task": "niah_multivalue", "len": 32768, "select": "mass_shared",
+                "span": span, "recall_clip": clip, "distinct": distinct, "topk": 4, "score": score,
+                "scope_recall": [recall, recall], "prefill_seconds": 8.0}  # fmt: skip
+
+    records = [run(32, 127, False, 1.0, 0.25), run(32, 127, False, 0.5, 0.25), run(64, 63, True, 0.25, 0.0)]
+    rows = [line.split(" | ")[2:6] for line in variants_table(records).splitlines()[2:]]
+    assert rows == [
+        ["mass_shared span=32 clip=127 distinct=False", "25.0", "2", "0.75"],
+        ["mass_shared span=64 clip=63 distinct=True", "0.0", "1", "0.25"],
+    ]
+    assert "| mass_shared | 25.0 | 2 | 0.75 |" in variants_table(records[:2])

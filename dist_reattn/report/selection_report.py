@@ -68,24 +68,39 @@ def _hit(record: dict, scoring: str) -> float | None:
     return sum(r < record["topk"] for r in flat) / len(flat) if flat else None
 
 
-def variant(record: dict) -> str:
-    """The selection a record ran: ``scope.select``, with ``+heads`` when it voted with retrieval heads."""
-    return record.get("select", "paper") + ("+heads" if record.get("heads") else "")
+# The scope settings that tell two runs of one ``select`` apart in the variants table.
+SETTINGS = (("span", "span"), ("recall_clip", "clip"), ("topk", "topk"), ("distinct", "distinct"))
+
+
+def variant(record: dict, settings: tuple[str, ...] = ()) -> str:
+    """The selection a record ran: ``scope.select``, with ``+heads`` when it voted with retrieval
+    heads, then ``name=value`` of each of ``settings`` (the scope settings that differ between the
+    report's records, so runs of one selection at several spans stay apart)."""
+    label = record.get("select", "paper") + ("+heads" if record.get("heads") else "")
+    names = dict(SETTINGS)
+    return " ".join([label] + [f"{names[k]}={record.get(k)}" for k in settings])
+
+
+def varying_settings(records: list[dict]) -> tuple[str, ...]:
+    """The scope settings (:data:`SETTINGS`) whose values differ between ``records``."""
+    return tuple(k for k, _ in SETTINGS if len({repr(r.get(k)) for r in records}) > 1)
 
 
 def variants_table(records: list[dict]) -> str:
-    """Accuracy, recall, hit share and prefill time per task, length and selection."""
+    """Accuracy, recall, hit share and prefill time per task, length and selection (with the scope
+    settings that differ between the records)."""
+    runs = [r for r in records if r["mode"] == "reattention"]
+    settings = varying_settings(runs)
     cells = defaultdict(list)
-    for r in records:
-        if r["mode"] == "reattention":
-            cells[(r["task"], r["len"], variant(r))].append(r)
+    for r in runs:
+        cells[(r["task"], r["len"], variant(r, settings))].append(r)
     lines = [
         "| task | len | select | score | n | recall | top-k hit | median rank | prefill s |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for (task, n, select), rs in sorted(cells.items()):
         recall = _mean(_mean(r["scope_recall"]) if r.get("scope_recall") else None for r in rs)
-        scoring = select.split("+")[0]
+        scoring = rs[0].get("select", "paper")
         ranks = [x for r in rs for layer in _ranks(r, scoring) for x in layer]
         lines.append(
             f"| {task} | {format_count(n)} | {select} | {100 * _mean(r['score'] for r in rs):.1f} | {len(rs)} "
