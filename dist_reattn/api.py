@@ -88,7 +88,8 @@ class ReAttention:
             max_new_tokens: at most this many new tokens; stops earlier at EOS.
             scope: this call's scope: a ``ScopeConfig``, or a dict of fields changed from the
                 configured one (``{"mode": "streaming"}``). It must lie within the limits the model
-                was loaded with (sink, local, chunk, slab): a wider one is refused (ConfigError).
+                was loaded with (sink, local, chunk, slab) and, where the prompt and new tokens are
+                longer than the model's trained window, fit inside it: else a ConfigError.
 
         Returns:
             The answer, its timings and its per-phase profile; the same on every rank.
@@ -97,6 +98,7 @@ class ReAttention:
             raise ConfigError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
         ids = prompt_ids(self.tokenizer, prompt)
         scope = self._scope(scope)
+        scope.check_window(self._prep.spec.window, len(ids) + max_new_tokens)
         engine = self._engine_for(len(ids) + max_new_tokens)
         with torch.no_grad():
             gen = engine.generate(ids, max_new_tokens, scope=scope)

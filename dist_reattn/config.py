@@ -168,6 +168,28 @@ class ScopeConfig:
         """Upper bound on the scope length of one step (sink + clipped spans + local)."""
         return self.sink + self.recall_clip * self.span + self.local
 
+    def check_window(self, window: int, context: int) -> None:
+        """A ConfigError when a step's scope can outgrow the model's trained ``window`` in a context of
+        ``context`` tokens. The scope's tokens take positions 0, 1, ... in order (the step's own
+        last), so its widest, ``sink + recall_clip * span + local`` (``sink + local`` where nothing is
+        retrieved), must fit, unless the whole context does. ``full`` attends every token at its own
+        position (the baseline, beyond the window too): not checked."""
+        if self.mode == "full":
+            return
+        retrieved = self.recall_clip * self.span if self.mode == "reattention" and self.topk else 0
+        if min(self.sink + retrieved + self.local, context) <= window:
+            return
+        if retrieved:
+            terms = f"{self.sink} + {self.recall_clip} * {self.span} + {self.local}"
+            what = f"scope.sink + scope.recall_clip * scope.span + scope.local = {terms}"
+            fix = "lower --scope.recall_clip, --scope.span or --scope.local"
+        else:
+            what, fix = f"scope.sink + scope.local = {self.sink} + {self.local}", "lower --scope.local"
+        raise ConfigError(
+            f"{what} = {self.sink + retrieved + self.local} positions, beyond the model's trained window of "
+            f"{window}: {fix} so that it fits"
+        )
+
 
 @dataclass(frozen=True)
 class ScopeLimits:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, ScopeConfig
 from .distributed import Comm
 from .engine import Engine
 from .models.load import ModelSource, load_model, load_spec, resolve
@@ -52,6 +53,9 @@ def prepare(cfg: Config, capacity: int, comm: Comm) -> Prepared:
     """Resolves the model and plans memory for ``capacity`` tokens; raises ConfigError if it cannot fit."""
     source = resolve(cfg.model.path)
     spec = load_spec(source)
+    cfg.scope.check_window(
+        spec.window, capacity
+    )  # positions past the window: refused before the weights load
     # a retrieval-heads file made with another model is refused here, before the weights load
     retrieval_heads(cfg.scope.heads, len(spec.cache_layers), spec.heads, torch.device("cpu"))
     device = pick_device(cfg.model.device)
@@ -61,6 +65,15 @@ def prepare(cfg: Config, capacity: int, comm: Comm) -> Prepared:
     plan = plan_for_scope(spec, cfg.scope, capacity, dtype, device, comm.world, cfg.cache.page)
     check_memory(plan, capacity, comm.world)
     return Prepared(source, spec, device, dtype, plan)
+
+
+def check_windows(scope: ScopeConfig, modes, window: int, context: int) -> None:
+    """``scope`` under each of ``modes`` keeps every position inside the model's trained ``window`` in
+    a context of ``context`` tokens (:meth:`~dist_reattn.config.ScopeConfig.check_window`): a
+    launch script calls it after :func:`prepare` (which plans for the widest mode), before the
+    weights load."""
+    for mode in modes:
+        dataclasses.replace(scope, mode=mode).check_window(window, context)
 
 
 def build_engine(cfg: Config, prep: Prepared, capacity: int, comm: Comm) -> Engine:
@@ -134,14 +147,18 @@ def plan_resume(
             ((f, r[f], v) for r in records for f, v in (settings or {}).items() if f in r and r[f] != v),
             None,
         )
-        done = {key(r) for r in records}
+        error = None
+        try:
+            done = {key(r) for r in records}
+        except KeyError as missing:  # another script's records (a NIAH run's folder given to RULER...)
+            done = set()
+            error = f"--out {folder} holds another script's results (a record without {missing}): give another --out"
         todo = [w for w in wanted if item_key(w) not in done]
         if len(todo) < len(wanted) and clash is None:
             log.info(
                 f"resuming {folder / 'results.jsonl'}: {len(wanted) - len(todo)} trials already recorded"
             )
-        error = None
-        if clash is not None:
+        if error is None and clash is not None:
             f, was, now = clash
             error = (
                 f"--out {folder} holds results made with {f}={was} (this run: {now}): "

@@ -37,7 +37,7 @@ from dist_reattn.models.load import load_tokenizer, resolve
 from dist_reattn.report.measure import profile_line
 from dist_reattn.report.niah_plots import plot_heatmap, summary_table
 from dist_reattn.report.results import append_record, read_records
-from dist_reattn.runtime import build_engine, plan_resume, prepare, resume_settings
+from dist_reattn.runtime import build_engine, check_windows, plan_resume, prepare, resume_settings
 from dist_reattn.tasks.niah import HAYSTACKS, build_sample, is_correct, min_length
 from dist_reattn.trial import Harness
 
@@ -131,6 +131,7 @@ def run(args, cfg, lengths, depths, modes, comm) -> int:
         prep = prepare(
             dataclasses.replace(cfg, scope=dataclasses.replace(cfg.scope, mode=plan_mode)), capacity, comm
         )
+        check_windows(cfg.scope, modes, prep.spec.window, capacity)
         tokenizer = load_tokenizer(prep.source)
         shortest = min_length(tokenizer, args.haystack)
         if min(lengths) < shortest:

@@ -39,7 +39,7 @@ from dist_reattn.probe import ScoringAudit, SelectionProbe
 from dist_reattn.report.measure import profile_line
 from dist_reattn.report.results import append_record, read_records
 from dist_reattn.report.ruler_report import plot_scores, summary_table
-from dist_reattn.runtime import build_engine, plan_resume, prepare, resume_settings
+from dist_reattn.runtime import build_engine, check_windows, plan_resume, prepare, resume_settings
 from dist_reattn.select import scope_recall
 from dist_reattn.tasks.ruler import TASKS, answer_tokens, build_sample, min_length, parse_tasks, score
 from dist_reattn.trial import Harness
@@ -166,6 +166,8 @@ def run(args, cfg, tasks, cells, ceiling, comm) -> int:
         prep = prepare(
             dataclasses.replace(cfg, scope=dataclasses.replace(cfg.scope, mode=plan_mode)), capacity, comm
         )
+        for n, modes_at in cells:
+            check_windows(cfg.scope, modes_at, prep.spec.window, n + (args.max_new_tokens or 0))
         if ceiling is not None and ceiling > prep.spec.window:
             raise ConfigError(
                 f"--ceiling {ceiling} is beyond the model's window ({prep.spec.window}): give a length inside it"

@@ -45,6 +45,12 @@ def test_scope_per_call_within_the_limits_and_refused_beyond(llm):
         llm.generate(DOC, 4, scope={"local": 256})
     with pytest.raises(ConfigError, match="unknown field"):
         llm.generate(DOC, 4, scope={"locale": 64})
+    # A prompt past the window (8192) with a scope that cannot fit it: refused before any cache.
+    with pytest.raises(
+        ConfigError, match=r"= 4 \+ 8 \* 1100 \+ 128 = 8932 positions, beyond the model's trained"
+    ):
+        llm.generate([1] * 8200, 4, scope={"span": 1100})
+    assert llm.capacity < 8200
 
 
 def test_capacity_grows_with_the_prompt_unless_given(model_dir):

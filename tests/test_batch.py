@@ -180,6 +180,7 @@ def test_malformed_lines_get_error_records_and_the_job_goes_on(model_dir, refere
         json.dumps({"id": "passwd", "context_file": "/etc/passwd", **good}),  # outside the context root
         json.dumps({"id": "typo", "context": "x", "questoin": "q", **good}),
         json.dumps({"id": "t1", "context": "x", **good}),  # duplicate id
+        json.dumps({"id": "wide", "context": "lamp " * 9000, "overrides": {"scope.span": 1100}, **good}),
         json.dumps(
             {
                 "id": 7,
@@ -215,6 +216,7 @@ def test_malformed_lines_get_error_records_and_the_job_goes_on(model_dir, refere
         "up": "context_file '../outside.txt' is outside the context root",
         "typo": "unknown field(s) questoin",
         "line:14": "duplicate id 't1' (first on line 8)",
+        "wide": "4 + 8 * 1100 + 128 = 8932 positions, beyond the model's trained window of 8192",
     }
     for rid, message in expected.items():
         assert message in got[rid].get("error", ""), (rid, got[rid])

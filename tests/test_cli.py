@@ -39,6 +39,7 @@ def niah(*args, tmp_path=None):
         (["--scope.slab=-1"], "scope.slab=-1 must be >= 0 (0 picks 16 on a GPU, 1 on a CPU)"),
         (["--model", "/no/such/model"], "model '/no/such/model' not found"),
         (["--len", "50"], "too short to hold the needle and question: use >= "),
+        (["--len", "16K", "--scope.span=64"], "= 12256 positions, beyond the model's trained window of 8192"),
         (
             ["--model", "random:no-such-shape"],
             "no shape 'no-such-shape'; use random:NAME with NAME one of llama-3.1-8b",
@@ -59,6 +60,19 @@ def test_unsupported_architecture_is_one_line(tmp_path):
     (d / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_embd": 8, "n_head": 2}))
     r = niah("--model", str(d))
     assert r.returncode == 2 and "supported: llama, mistral, qwen2, qwen3" in r.stderr, r.stderr
+
+
+def test_another_scripts_results_folder_is_refused(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.jsonl").write_text(
+        json.dumps({"task": "niah_single_2", "mode": "full"}) + "\n"
+    )
+    r = niah("--len", "1K", "--depths", "0.5", tmp_path=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: --out {tmp_path / 'run'} holds another script's results (a record without 'target_len'): "
+        "give another --out"
+    )
 
 
 def test_memory_plan_refuses_before_loading():
@@ -151,7 +165,7 @@ def test_two_ranks_give_the_same_answers_as_one(smollm2_hf, tmp_path):
 def test_random_weight_model_runs_a_trial(tmp_path):
     # random:DIR builds the config.json's shape with random weights and the bundled tokenizer: the
     # run completes and records its trial (the answer is noise). The shipped Llama-3.1-8B shape
-    # resolves to its published numbers without building it.
+    # resolves to its published numbers without building it. Its window is 256: 32 + 3 * 32 + 128 fits.
     shape = tmp_path / "shape"
     shape.mkdir()
     config = {
@@ -162,7 +176,7 @@ def test_random_weight_model_runs_a_trial(tmp_path):
     }  # fmt: skip
     (shape / "config.json").write_text(json.dumps(config))
     r = niah("--model", f"random:{shape}", "--len", "600", "--mode", "reattention", "--scope.local=128",
-             "--scope.chunk=64", "--max-new-tokens", "2", tmp_path=tmp_path)  # fmt: skip
+             "--scope.chunk=64", "--scope.recall_clip=3", "--max-new-tokens", "2", tmp_path=tmp_path)  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert record["mode"] == "reattention" and record["len"] >= 590 and record["model"].startswith("random:")

@@ -68,3 +68,24 @@ def test_fp8_margin_is_checked_only_under_fp8():
 def test_unknown_preset():
     with pytest.raises(ConfigError, match="presets: .*smollm2-135m"):
         load_config("gpt-9")
+
+
+def test_a_scope_that_outgrows_the_trained_window_is_refused():
+    """The scope's tokens take positions 0, 1, ...: its widest (sink + recall_clip * span + local;
+    sink + local where nothing is retrieved) must fit the window, unless the whole context does."""
+    from dist_reattn.config import ScopeConfig
+
+    paper = ScopeConfig()  # 32 + 127 * 32 + 4096 = 8192: SmolLM2's window exactly
+    paper.check_window(8192, 10**6)
+    ScopeConfig(span=64, recall_clip=63, distinct=True, select="mass_shared").check_window(8192, 10**6)
+    wide = ScopeConfig(span=64)  # 32 + 127 * 64 + 4096 = 12256
+    with pytest.raises(ConfigError, match=r"= 32 \+ 127 \* 64 \+ 4096 = 12256 positions, beyond the model's "
+                       r"trained window of 8192: lower --scope.recall_clip, --scope.span or --scope.local"):  # fmt: skip
+        wide.check_window(8192, 8193)
+    wide.check_window(8192, 8192)  # a context inside the window: every position is in it anyway
+    ScopeConfig(span=64, topk=0).check_window(8192, 10**6)  # nothing retrieved: sink + local
+    with pytest.raises(
+        ConfigError, match=r"scope.sink \+ scope.local = 32 \+ 9000 = 9032 .*lower --scope.local"
+    ):
+        ScopeConfig(mode="streaming", local=9000).check_window(8192, 10**6)
+    ScopeConfig(mode="full").check_window(8192, 10**6)  # the baseline attends at the tokens' own positions

@@ -292,6 +292,7 @@ def read_tasks(
                     "id missing or not a non-empty string or integer (or of the reserved form line:N)"
                 )
             task = parse_task(number, obj, root, tokenizer, cfg, max_new_tokens)
+            task.scope.check_window(target.spec.window, task.tokens)  # a task's own error record
         except ConfigError as e:
             records.append({"id": rid, "line": number, "error": str(e)})
             errors += 1
