@@ -53,9 +53,6 @@ def prepare(cfg: Config, capacity: int, comm: Comm) -> Prepared:
     """Resolves the model and plans memory for ``capacity`` tokens; raises ConfigError if it cannot fit."""
     source = resolve(cfg.model.path)
     spec = load_spec(source)
-    cfg.scope.check_window(
-        spec.window, capacity
-    )  # positions past the window: refused before the weights load
     # a retrieval-heads file made with another model is refused here, before the weights load
     retrieval_heads(cfg.scope.heads, len(spec.cache_layers), spec.heads, torch.device("cpu"))
     device = pick_device(cfg.model.device)
