@@ -165,8 +165,13 @@ class ScopeConfig:
         return self.slab or (16 if device_type == "cuda" else 1)
 
     def max_scope(self) -> int:
-        """Upper bound on the scope length of one step (sink + clipped spans + local)."""
+        """Upper bound on the scope length of one step (sink + clipped spans + local), whatever the mode."""
         return self.sink + self.recall_clip * self.span + self.local
+
+    def max_positions(self) -> int:
+        """The most tokens one step's scope holds in this mode: :meth:`max_scope` where the mode
+        retrieves (``reattention``, ``topk`` > 0), ``sink + local`` where it does not."""
+        return self.max_scope() if self.mode == "reattention" and self.topk else self.sink + self.local
 
     def check_window(self, window: int, context: int) -> None:
         """A ConfigError when a step's scope can outgrow the model's trained ``window`` in a context of
@@ -174,19 +179,17 @@ class ScopeConfig:
         last), so its widest, ``sink + recall_clip * span + local`` (``sink + local`` where nothing is
         retrieved), must fit, unless the whole context does. ``full`` attends every token at its own
         position (the baseline, beyond the window too): not checked."""
-        if self.mode == "full":
+        widest = self.max_positions()
+        if self.mode == "full" or min(widest, context) <= window:
             return
-        retrieved = self.recall_clip * self.span if self.mode == "reattention" and self.topk else 0
-        if min(self.sink + retrieved + self.local, context) <= window:
-            return
-        if retrieved:
+        if widest > self.sink + self.local:
             terms = f"{self.sink} + {self.recall_clip} * {self.span} + {self.local}"
             what = f"scope.sink + scope.recall_clip * scope.span + scope.local = {terms}"
             fix = "lower --scope.recall_clip, --scope.span or --scope.local"
         else:
             what, fix = f"scope.sink + scope.local = {self.sink} + {self.local}", "lower --scope.local"
         raise ConfigError(
-            f"{what} = {self.sink + retrieved + self.local} positions, beyond the model's trained window of "
+            f"{what} = {widest} positions, beyond the model's trained window of "
             f"{window}: {fix} so that it fits"
         )
 

@@ -196,7 +196,7 @@ class StaticStep(LayerStep):
         part = Part.of_step(1, cfg.chunk, view.comm.rank, view.comm.world, split=False)
         super().__init__(view.sliding, view.cache_slot, view.comm, view.profile, part, pos)
         self.view, self.pos = view, pos
-        self.m = cfg.sink + (cfg.recall_clip * cfg.span if retrieves(cfg) else 0) + cfg.local
+        self.m = cfg.max_positions()
         view.rope_table(self.m)  # grown before any capture: the table is read, never reallocated
         self.tail = _fused() if (pos.is_cuda if compile is None else compile) else select_attend
         self.mass: torch.Tensor | None = None  # the fused mass of this token's earlier layers

@@ -537,7 +537,7 @@ def select_scope(
             local = ends[:, None] - cfg.local + torch.arange(cfg.local, device=device)
         return Scope(torch.cat([torch.arange(cfg.sink, device=device).expand(batch, -1), local], dim=1))
     if batch == 0:
-        m = cfg.sink + cfg.recall_clip * cfg.span + cfg.local
+        m = cfg.max_scope()
         empty = torch.zeros((0, m), dtype=torch.long, device=device)
         return Scope(empty, empty.bool(), empty)
     return select_from_candidates(*candidates, ends, cfg, heads)
